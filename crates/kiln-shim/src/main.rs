@@ -1,0 +1,54 @@
+//! `containerd-shim-kiln-v1`: containerd's runtime v2 shim for WebAssembly.
+//!
+//! One binary, three roles, picked by containerd's command line:
+//! * `start`: start (or find) the shim server for this container and print its address;
+//! * `delete`: clean up after a shim that died (containerd runs it after every disconnect);
+//! * no action: the long-lived server that answers the Task API.
+//!
+//! The bootstrap is written here rather than taken from `containerd_shim::run`: that function
+//! speaks containerd 2.x's JSON `start` reply and serves only `containerd.task.v3.Task`, and
+//! containerd 1.6 and 1.7 (still on most nodes) need a bare address and `containerd.task.v2.Task`.
+//! Everything else (flags, socket naming, logger, publisher, mounts, protos) is the crate's.
+
+mod manager;
+mod metrics;
+mod server;
+mod service;
+mod zygote_client;
+
+use std::process::ExitCode;
+
+/// The runtime name containerd knows Kiln by.
+pub const RUNTIME_NAME: &str = "io.containerd.kiln.v1";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{RUNTIME_NAME}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if flags.version {
+        println!(
+            "{}:\n  Runtime: {RUNTIME_NAME}\n  Version: {}",
+            args[0],
+            env!("CARGO_PKG_VERSION")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let result = match flags.action.as_str() {
+        "start" => manager::start(&flags),
+        "delete" => manager::delete(&flags),
+        "" => server::serve(&flags),
+        other => Err(anyhow::anyhow!("unknown action {other:?}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{RUNTIME_NAME}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The worker side of Kiln: a zygote process that forks one worker per container, and the
+//! worker that runs the container's module in Wasmtime.
+//!
+//! Guest code never runs in the shim: a trap in Cranelift-compiled code, a runaway guest or a
+//! Wasmtime bug can then only take down one worker, and the kernel accounts each guest to its
+//! container's cgroup. The shim is a multi-threaded tokio process, and forking a multi-threaded
+//! process is undefined behaviour (locks held by other threads stay locked in the child). So
+//! the shim forks the **zygote** once, before its runtime starts any thread; the zygote stays
+//! single-threaded for its whole life and forks workers on request. A fork of a small
+//! single-threaded process costs a fraction of a millisecond, where an exec of the shim binary
+//! costs milliseconds (loading, relocating, re-creating the engine): cold start is Kiln's
+//! headline, so the zygote it is.
+//!
+//! Process tree: shim → zygote → worker (one per container). The zygote reaps its workers and
+//! reports every exit to the shim, in order after the spawn reply for that pid.
+
+pub mod engine;
+pub mod protocol;
+mod run;
+mod stdio;
+mod worker;
+pub mod zygote;
+
+pub use protocol::{SpawnRequest, Stdio, WorkerReport, ZygoteEvent};
+
+/// Exit status of a container whose guest trapped (as an abort: 128 + SIGABRT).
+pub const EXIT_TRAP: i32 = 134;
+/// Exit status of a worker that failed before running guest code.
+pub const EXIT_SETUP_FAILED: i32 = 125;

@@ -1,0 +1,181 @@
+//! Running the guest: instantiate the module with WASI preview 1 and call its entrypoint.
+//!
+//! Everything that can be checked without running guest code (imports, the entrypoint's
+//! export and type) is checked in [`prepare`], at Create, so a wrong module fails `ctr run`
+//! with a message instead of starting and dying. Exit statuses follow what users know from
+//! runc: `proc_exit(n)` is n, returning from the entry is 0, a trap is 134 (as if aborted), and
+//! signals are left to the kernel (so SIGTERM gives 143 and SIGKILL 137).
+
+use std::io::Write;
+use std::time::Instant;
+
+use kiln_plan::Plan;
+use log::debug;
+use wasmtime::{Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use crate::EXIT_TRAP;
+
+/// Memory kept back from a container's memory limit for the worker itself (runtime, stacks,
+/// page tables), so that a guest's `memory.grow` fails inside the guest before the kernel's
+/// OOM killer sees the cgroup reach its limit.
+const RUNTIME_RESERVE: u64 = 16 << 20;
+
+/// Per-store state: the WASI context and the memory limiter.
+pub(crate) struct Host {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// A container ready to run: everything checked, nothing executed.
+pub(crate) struct Prepared {
+    id: String,
+    entry: String,
+    pre: InstancePre<Host>,
+    wasi: WasiP1Ctx,
+    memory_cap: Option<usize>,
+    /// Cache outcome, for the report.
+    pub(crate) cache: String,
+    /// Time spent loading the module.
+    pub(crate) load_us: u64,
+}
+
+/// The cap on a guest's linear memory for a container memory limit.
+pub fn memory_cap(limit: Option<i64>) -> Option<usize> {
+    let limit = u64::try_from(limit?).ok().filter(|l| *l > 0)?;
+    let reserve = RUNTIME_RESERVE.min(limit / 2);
+    usize::try_from(limit - reserve).ok()
+}
+
+pub(crate) fn prepare(
+    engine: &Engine,
+    module: Module,
+    plan: &Plan,
+    cache: String,
+    load_us: u64,
+) -> Result<Prepared, String> {
+    let guest = plan.args.first().cloned().unwrap_or_default();
+    match module.get_export(&plan.entry_func) {
+        Some(ExternType::Func(ft)) => {
+            if ft.params().len() != 0 || ft.results().len() != 0 {
+                return Err(format!(
+                    "entrypoint {guest}#{}: the export takes parameters or returns results; \
+                     Kiln calls a function with no parameters and no results",
+                    plan.entry_func
+                ));
+            }
+        }
+        Some(_) => {
+            return Err(format!(
+                "entrypoint {guest}#{}: the export is not a function",
+                plan.entry_func
+            ));
+        }
+        None => {
+            let funcs: Vec<String> = module
+                .exports()
+                .filter(|e| matches!(e.ty(), ExternType::Func(_)))
+                .map(|e| e.name().to_string())
+                .collect();
+            return Err(format!(
+                "entrypoint {guest}: the module exports no function {:?} (exported functions: {})",
+                plan.entry_func,
+                if funcs.is_empty() { "none".to_string() } else { funcs.join(", ") }
+            ));
+        }
+    }
+    let mut linker: Linker<Host> = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
+        .map_err(|e| format!("set up WASI: {e:#}"))?;
+    let pre = linker
+        .instantiate_pre(&module)
+        .map_err(|e| format!("{guest} cannot be linked with WASI preview 1: {e:#}"))?;
+
+    let mut b = WasiCtxBuilder::new();
+    b.args(&plan.args);
+    b.envs(&plan.env);
+    b.inherit_stdio();
+    // File I/O on the guest's own thread: a worker runs one guest, there is nothing to gain
+    // from handing each read to a thread pool.
+    b.allow_blocking_current_thread(true);
+    for p in &plan.preopens {
+        let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        b.preopened_dir(&p.host, &p.guest, perms)
+            .map_err(|e| format!("open {} for {}: {e:#}", p.host.display(), p.guest))?;
+    }
+    if plan.cwd != "/" {
+        // WASI preview 1 has no working directory; wasi-libc resolves relative paths through
+        // a preopen named ".", so the spec's cwd is offered as one.
+        let root = &plan.preopens[0];
+        let host = kiln_plan::resolve_in_root(&root.host, &plan.cwd).map_err(|e| e.to_string())?;
+        let perms = if root.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        b.preopened_dir(&host, ".", perms)
+            .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
+    }
+    Ok(Prepared {
+        id: plan.id.clone(),
+        entry: plan.entry_func.clone(),
+        pre,
+        wasi: b.build_p1(),
+        memory_cap: memory_cap(plan.limits.memory),
+        cache,
+        load_us,
+    })
+}
+
+/// Runs the guest and returns the container's exit status.
+pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
+    let started = Instant::now();
+    let mut limits = StoreLimitsBuilder::new();
+    if let Some(cap) = p.memory_cap {
+        limits = limits.memory_size(cap);
+    }
+    let mut store = Store::new(
+        engine,
+        Host {
+            wasi: p.wasi,
+            limits: limits.build(),
+        },
+    );
+    store.limiter(|h| &mut h.limits);
+    let result = p.pre.instantiate(&mut store).and_then(|instance| {
+        debug!("worker {}: instantiated in {:?}", p.id, started.elapsed());
+        let f = instance.get_typed_func::<(), ()>(&mut store, &p.entry)?;
+        f.call(&mut store, ())
+    });
+    let status = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                exit.0
+            } else {
+                let mut stderr = std::io::stderr();
+                let _ = writeln!(stderr, "kiln: container {}: wasm trap: {e:?}", p.id);
+                EXIT_TRAP
+            }
+        }
+    };
+    debug!(
+        "worker {}: guest finished with {status} after {:?}",
+        p.id,
+        started.elapsed()
+    );
+    let _ = std::io::stdout().flush();
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory_cap;
+
+    #[test]
+    fn memory_cap_keeps_a_reserve() {
+        assert_eq!(memory_cap(None), None);
+        assert_eq!(memory_cap(Some(-1)), None);
+        assert_eq!(memory_cap(Some(0)), None);
+        assert_eq!(memory_cap(Some(64 << 20)), Some(48 << 20));
+        // Small limits keep half for the guest rather than nothing.
+        assert_eq!(memory_cap(Some(8 << 20)), Some(4 << 20));
+    }
+}
