@@ -127,6 +127,22 @@ pub(crate) fn prepare(
 /// Runs the guest and returns the container's exit status.
 pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
     let started = Instant::now();
+    // wasmtime-wasi's preview 1 calls run on a tokio runtime; left to itself it builds one
+    // with a worker thread per CPU, in every container. One worker thread serves one guest,
+    // and every thread not started is memory and a pid (against pids.max) the node keeps.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "kiln: container {}: start the WASI runtime: {e}", p.id);
+            return crate::EXIT_SETUP_FAILED;
+        }
+    };
+    let _entered = rt.enter();
     let mut limits = StoreLimitsBuilder::new();
     if let Some(cap) = p.memory_cap {
         limits = limits.memory_size(cap);

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine: installs what is missing, builds the
+# Wasm test workloads and their images, checks formatting and lints, then runs the unit tests
+# and the end-to-end tests (which start their own private containerd; the system's is never
+# touched). Must run as root: the end-to-end tests mount rootfs snapshots and create cgroups.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export CARGO_TERM_COLOR=never
+scripts/setup.sh
+scripts/build-test-images.sh
+echo "==> formatting"
+cargo fmt --all -- --check
+echo "==> lints"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> build"
+cargo build --workspace
+echo "==> tests"
+cargo test --workspace -- --test-threads=2
