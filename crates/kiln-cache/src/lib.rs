@@ -82,7 +82,10 @@ impl Cache {
         match prepare_dir(root).and_then(|()| prepare_dir(&dir)) {
             Ok(()) => Cache { dir: Some(dir) },
             Err(e) => {
-                warn!("compile cache {} unusable, compiling without it: {e}", dir.display());
+                warn!(
+                    "compile cache {} unusable, compiling without it: {e}",
+                    dir.display()
+                );
                 Cache { dir: None }
             }
         }
@@ -108,7 +111,11 @@ impl Cache {
     }
 
     /// Loads a module from its bytes, from the cache when possible.
-    pub fn load_bytes(&self, engine: &Engine, wasm: &[u8]) -> Result<(Module, Outcome), CacheError> {
+    pub fn load_bytes(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+    ) -> Result<(Module, Outcome), CacheError> {
         let Some(dir) = &self.dir else {
             let module = Module::from_binary(engine, wasm).map_err(CacheError::Compile)?;
             return Ok((module, Outcome::Uncached));
@@ -142,7 +149,9 @@ impl Cache {
         }
 
         let started = Instant::now();
-        let compiled = engine.precompile_module(wasm).map_err(CacheError::Compile)?;
+        let compiled = engine
+            .precompile_module(wasm)
+            .map_err(CacheError::Compile)?;
         info!(
             "compiled module {key} ({} bytes) in {:?}",
             wasm.len(),

@@ -114,7 +114,10 @@ fn an_open_directory_is_tightened_and_a_foreign_one_is_refused() {
         let other = tempfile::tempdir().expect("tempdir");
         std::os::unix::fs::chown(other.path(), Some(65534), Some(65534)).expect("chown");
         let cache = Cache::open(other.path(), &engine);
-        assert!(cache.dir().is_none(), "a directory owned by nobody must not be used");
+        assert!(
+            cache.dir().is_none(),
+            "a directory owned by nobody must not be used"
+        );
         let wasm = wat::parse_str(WAT).expect("wat");
         let (_, outcome) = cache.load_bytes(&engine, &wasm).expect("load");
         assert_eq!(outcome, Outcome::Uncached);

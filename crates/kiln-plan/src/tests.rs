@@ -58,7 +58,10 @@ fn func_suffix_is_split_off_argv0() {
     assert_eq!(p.entry_func, "run");
     assert_eq!(p.args, vec!["/hello.wasm", "x"]);
     let s = spec(serde_json::json!({"process": {"args": ["/hello.wasm#"]}}));
-    assert!(matches!(plan("c1", &s, root.path()), Err(PlanError::EmptyFunc(_))));
+    assert!(matches!(
+        plan("c1", &s, root.path()),
+        Err(PlanError::EmptyFunc(_))
+    ));
 }
 
 #[test]

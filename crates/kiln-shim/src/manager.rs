@@ -64,11 +64,17 @@ pub fn start(flags: &Flags) -> Result<()> {
         let _ = stdout.read_to_string(&mut out);
     }
     if let Ok(Some(status)) = child.try_wait() {
-        bail!("the shim server exited during start ({status}): {}", out.trim());
+        bail!(
+            "the shim server exited during start ({status}): {}",
+            out.trim()
+        );
     }
     if std::os::unix::net::UnixStream::connect(path).is_err() {
         let _ = child.kill();
-        bail!("the shim server did not start listening on {address}: {}", out.trim());
+        bail!(
+            "the shim server did not start listening on {address}: {}",
+            out.trim()
+        );
     }
     std::fs::write("address", &address).context("write the address file")?;
     reply(&address)
@@ -109,8 +115,11 @@ pub fn cleanup_bundle(bundle: &Path, namespace: &str, id: &str) {
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
         if let Ok(layout) = kiln_cgroups::Layout::detect()
-            && let Ok(cg) =
-                kiln_cgroups::Cgroup::open(&layout, &path, &crate::service::default_cgroup(namespace, id))
+            && let Ok(cg) = kiln_cgroups::Cgroup::open(
+                &layout,
+                &path,
+                &crate::service::default_cgroup(namespace, id),
+            )
         {
             if let Err(e) = cg.kill_all() {
                 log::warn!("cleanup {id}: kill cgroup: {e}");

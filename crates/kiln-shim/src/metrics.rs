@@ -11,9 +11,15 @@ use kiln_cgroups::Stats;
 /// Encodes `s` for a cgroup of `version` (1 or 2).
 pub fn to_any(version: u8, s: &Stats) -> Result<Any, containerd_shim::protos::protobuf::Error> {
     let (type_url, value) = if version == 2 {
-        ("io.containerd.cgroups.v2.Metrics", v2_metrics(s).write_to_bytes()?)
+        (
+            "io.containerd.cgroups.v2.Metrics",
+            v2_metrics(s).write_to_bytes()?,
+        )
     } else {
-        ("io.containerd.cgroups.v1.Metrics", v1_metrics(s).write_to_bytes()?)
+        (
+            "io.containerd.cgroups.v1.Metrics",
+            v1_metrics(s).write_to_bytes()?,
+        )
     };
     let mut any = Any::new();
     any.type_url = type_url.to_string();

@@ -72,7 +72,9 @@ async fn run(flags: &Flags, zygote: kiln_worker::zygote::ZygoteHandle) -> Result
         .remove(TASK_V3)
         .context("generated task service has an unexpected name")?;
     services.insert(TASK_V2.to_string(), v2);
-    let mut server = Server::new().add_listener(listener).register_service(services);
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
     server.start().await.context("start the ttrpc server")?;
     signal_ready();
     info!("kiln shim serving on {path}");
@@ -95,8 +97,10 @@ fn signal_ready() {
 /// terminal or a process-group kill must not take down running containers' bookkeeping.
 async fn ignore_termination() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     loop {

@@ -70,7 +70,10 @@ fn rpc_err(code: Code, msg: impl ToString) -> ttrpc::Error {
 }
 
 fn unsupported(what: &str) -> ttrpc::Error {
-    rpc_err(Code::UNIMPLEMENTED, format!("{what} is not supported by Kiln"))
+    rpc_err(
+        Code::UNIMPLEMENTED,
+        format!("{what} is not supported by Kiln"),
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +158,11 @@ impl Service {
         l.clone().ok_or_else(|| "no cgroup layout".to_string())
     }
 
-    async fn publish(&self, topic: &str, event: Box<dyn containerd_shim::protos::protobuf::MessageDyn>) {
+    async fn publish(
+        &self,
+        topic: &str,
+        event: Box<dyn containerd_shim::protos::protobuf::MessageDyn>,
+    ) {
         if let Err(e) = self
             .publisher
             .publish(Context::default(), topic, &self.namespace, event)
@@ -170,22 +177,36 @@ impl Service {
         &self,
         req: &CreateTaskRequest,
         undo: &mut Undo,
-    ) -> Result<(Arc<Container>, kiln_worker::protocol::WorkerReport, tokio::sync::oneshot::Receiver<i32>), String> {
+    ) -> Result<
+        (
+            Arc<Container>,
+            kiln_worker::protocol::WorkerReport,
+            tokio::sync::oneshot::Receiver<i32>,
+        ),
+        String,
+    > {
         let t0 = Instant::now();
         let bundle = PathBuf::from(&req.bundle);
         let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
             .map_err(|e| format!("read config.json: {e}"))?;
         if req.terminal {
-            return Err("terminal: true is not supported by Kiln yet (run without -t / tty)".into());
+            return Err(
+                "terminal: true is not supported by Kiln yet (run without -t / tty)".into(),
+            );
         }
         let root = spec
             .root()
             .as_ref()
             .map(|r| r.path().clone())
             .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let rootfs = if root.is_absolute() { root } else { bundle.join(root) };
+        let rootfs = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
         if !req.rootfs.is_empty() {
-            std::fs::create_dir_all(&rootfs).map_err(|e| format!("create {}: {e}", rootfs.display()))?;
+            std::fs::create_dir_all(&rootfs)
+                .map_err(|e| format!("create {}: {e}", rootfs.display()))?;
             for m in &req.rootfs {
                 containerd_shim::util::mount_rootfs(m, &rootfs)
                     .await
@@ -224,7 +245,11 @@ impl Service {
             token: 0,
             plan,
             stdio: stdio.clone(),
-            cgroup_procs: cgroup.dirs().iter().map(|d| d.join("cgroup.procs")).collect(),
+            cgroup_procs: cgroup
+                .dirs()
+                .iter()
+                .map(|d| d.join("cgroup.procs"))
+                .collect(),
             cache_root: self.cache_root.clone(),
         };
         let spawned = self.zygote.spawn(spawn).await?;
@@ -277,7 +302,8 @@ struct Undo {
 impl Undo {
     fn run(self) {
         if let Some(pid) = self.pid {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
         if let Some(cg) = self.cgroup {
             let _ = cg.kill_all();
@@ -393,7 +419,11 @@ impl Task for Service {
         })
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
         no_exec(&req.exec_id)?;
         let c = self.get(&req.id)?;
         let exit = match c.exit() {
@@ -476,7 +506,10 @@ impl Task for Service {
             ));
         }
         let signal = nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|_| {
-            rpc_err(Code::INVALID_ARGUMENT, format!("invalid signal {}", req.signal))
+            rpc_err(
+                Code::INVALID_ARGUMENT,
+                format!("invalid signal {}", req.signal),
+            )
         })?;
         let mut targets = vec![c.pid];
         if req.all
@@ -540,9 +573,10 @@ impl Task for Service {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
         let c = self.get(&req.id)?;
-        let cg = c.cgroup.as_ref().ok_or_else(|| {
-            rpc_err(Code::NOT_FOUND, format!("container {} has no cgroup", c.id))
-        })?;
+        let cg = c
+            .cgroup
+            .as_ref()
+            .ok_or_else(|| rpc_err(Code::NOT_FOUND, format!("container {} has no cgroup", c.id)))?;
         let stats = cg
             .stats()
             .map_err(|e| rpc_err(Code::INTERNAL, format!("container {}: stats: {e}", c.id)))?;
@@ -554,7 +588,11 @@ impl Task for Service {
         })
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
         let task_pid = self.table().get(&req.id).map(|c| c.pid as u32).unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
@@ -573,18 +611,30 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> ttrpc::Result<Empty> {
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> ttrpc::Result<Empty> {
         // The worker reads containerd's stdin FIFO directly, so it sees end-of-file as soon as
         // containerd's writer closes; there is no pipe of the shim's own to close.
         self.get(&req.id)?;
         Ok(Empty::new())
     }
 
-    async fn exec(&self, _ctx: &TtrpcContext, _req: api::ExecProcessRequest) -> ttrpc::Result<Empty> {
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         Err(unsupported("exec (a Wasm container has one process)"))
     }
 
-    async fn resize_pty(&self, _ctx: &TtrpcContext, _req: api::ResizePtyRequest) -> ttrpc::Result<Empty> {
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ResizePtyRequest,
+    ) -> ttrpc::Result<Empty> {
         Err(unsupported("a terminal (resize pty)"))
     }
 
@@ -596,11 +646,19 @@ impl Task for Service {
         Err(unsupported("resume"))
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: api::CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> ttrpc::Result<Empty> {
         Err(unsupported("checkpoint"))
     }
 
-    async fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> ttrpc::Result<Empty> {
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::UpdateTaskRequest,
+    ) -> ttrpc::Result<Empty> {
         Err(unsupported("updating resources of a running container"))
     }
 }
@@ -657,7 +715,12 @@ async fn watch_exit(
         ..Default::default()
     };
     if let Err(e) = publisher
-        .publish(Context::default(), topics::TASK_EXIT_EVENT_TOPIC, &namespace, Box::new(event))
+        .publish(
+            Context::default(),
+            topics::TASK_EXIT_EVENT_TOPIC,
+            &namespace,
+            Box::new(event),
+        )
         .await
     {
         warn!("publish exit of {}: {e}", c.id);

@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use kiln_plan::Plan;
 use log::debug;
-use wasmtime::{Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
@@ -81,7 +83,11 @@ pub(crate) fn prepare(
             return Err(format!(
                 "entrypoint {guest}: the module exports no function {:?} (exported functions: {})",
                 plan.entry_func,
-                if funcs.is_empty() { "none".to_string() } else { funcs.join(", ") }
+                if funcs.is_empty() {
+                    "none".to_string()
+                } else {
+                    funcs.join(", ")
+                }
             ));
         }
     }
@@ -100,7 +106,11 @@ pub(crate) fn prepare(
     // from handing each read to a thread pool.
     b.allow_blocking_current_thread(true);
     for p in &plan.preopens {
-        let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        let perms = if p.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
         b.preopened_dir(&p.host, &p.guest, perms)
             .map_err(|e| format!("open {} for {}: {e:#}", p.host.display(), p.guest))?;
     }
@@ -109,7 +119,11 @@ pub(crate) fn prepare(
         // a preopen named ".", so the spec's cwd is offered as one.
         let root = &plan.preopens[0];
         let host = kiln_plan::resolve_in_root(&root.host, &plan.cwd).map_err(|e| e.to_string())?;
-        let perms = if root.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        let perms = if root.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
         b.preopened_dir(&host, ".", perms)
             .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
     }
@@ -138,7 +152,11 @@ pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "kiln: container {}: start the WASI runtime: {e}", p.id);
+            let _ = writeln!(
+                std::io::stderr(),
+                "kiln: container {}: start the WASI runtime: {e}",
+                p.id
+            );
             return crate::EXIT_SETUP_FAILED;
         }
     };
@@ -183,7 +201,87 @@ pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::memory_cap;
+    use super::*;
+
+    const WAT: &str = r#"
+        (module
+          (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (memory (export "memory") 1)
+          (func (export "_start") (call $exit (i32.const 3)))
+          (func (export "boom") unreachable)
+          (func (export "ok"))
+          (func (export "withparam") (param i32))
+          ;; grows by 64 pages (4 MiB) at a time up to 1024 pages; exits 12 when a grow fails
+          (func (export "grow")
+            (loop $l
+              (if (i32.eq (memory.grow (i32.const 64)) (i32.const -1))
+                (then (call $exit (i32.const 12))))
+              (br_if $l (i32.lt_u (memory.size) (i32.const 1024))))))
+    "#;
+
+    fn plan(func: &str, memory: Option<i64>, root: &std::path::Path) -> Plan {
+        Plan {
+            id: "unit".to_string(),
+            module_path: root.join("m.wasm"),
+            entry_func: func.to_string(),
+            args: vec!["/m.wasm".to_string()],
+            env: vec![],
+            cwd: "/".to_string(),
+            preopens: vec![kiln_plan::Preopen {
+                host: root.to_path_buf(),
+                guest: "/".to_string(),
+                read_only: false,
+            }],
+            limits: kiln_plan::Limits {
+                memory,
+                ..Default::default()
+            },
+            cgroups_path: String::new(),
+            namespaces: vec![],
+            user: Default::default(),
+            no_new_privileges: true,
+        }
+    }
+
+    fn status(func: &str, memory: Option<i64>) -> Result<i32, String> {
+        let engine = Engine::default();
+        let root = tempfile::tempdir().expect("tempdir");
+        let wasm = wat::parse_str(WAT).expect("wat");
+        let module = Module::new(&engine, wasm).expect("module");
+        let p = prepare(
+            &engine,
+            module,
+            &plan(func, memory, root.path()),
+            String::new(),
+            0,
+        )?;
+        Ok(run(&engine, p))
+    }
+
+    #[test]
+    fn exit_statuses_follow_runc() {
+        assert_eq!(status("_start", None), Ok(3), "proc_exit(3)");
+        assert_eq!(status("ok", None), Ok(0), "returning from the entry");
+        assert_eq!(status("boom", None), Ok(EXIT_TRAP), "trap");
+    }
+
+    #[test]
+    fn a_wrong_entrypoint_is_refused_before_running() {
+        let e = status("missing", None).expect_err("missing export");
+        assert!(e.contains("missing") && e.contains("_start"), "{e}");
+        let e = status("withparam", None).expect_err("wrong type");
+        assert!(e.contains("parameters"), "{e}");
+        let e = status("memory", None).expect_err("not a function");
+        assert!(e.contains("not a function"), "{e}");
+    }
+
+    #[test]
+    fn the_memory_limit_makes_memory_grow_fail_in_the_guest() {
+        // 64 MiB of linear memory is reachable without a limit...
+        assert_eq!(status("grow", None), Ok(0));
+        // ...but not with a 32 MiB container limit (16 MiB for the guest).
+        assert_eq!(status("grow", Some(32 << 20)), Ok(12));
+    }
 
     #[test]
     fn memory_cap_keeps_a_reserve() {

@@ -79,7 +79,13 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
         plan.id,
         plan.module_path.display()
     );
-    let prepared = run::prepare(engine, module, plan, format!("{outcome:?}").to_lowercase(), load_us)?;
+    let prepared = run::prepare(
+        engine,
+        module,
+        plan,
+        format!("{outcome:?}").to_lowercase(),
+        load_us,
+    )?;
 
     for ns in plan.namespaces.iter().filter(|n| n.kind == "user") {
         join(&ns.kind, &ns.path)?;
@@ -122,7 +128,11 @@ fn join(kind: &str, path: &std::path::Path) -> Result<(), String> {
         "mount" => CloneFlags::CLONE_NEWNS,
         "user" => CloneFlags::CLONE_NEWUSER,
         "cgroup" => CloneFlags::CLONE_NEWCGROUP,
-        other => return Err(format!("joining a {other} namespace is not supported by Kiln")),
+        other => {
+            return Err(format!(
+                "joining a {other} namespace is not supported by Kiln"
+            ));
+        }
     };
     let f = std::fs::File::open(path)
         .map_err(|e| format!("open {kind} namespace {}: {e}", path.display()))?;
@@ -132,11 +142,17 @@ fn join(kind: &str, path: &std::path::Path) -> Result<(), String> {
 fn set_user(plan: &kiln_plan::Plan) -> Result<(), String> {
     let u = &plan.user;
     if let Some(mask) = u.umask {
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask as libc::mode_t));
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+            mask as libc::mode_t,
+        ));
     }
     let me = Uid::effective();
     if me.is_root() {
-        let groups: Vec<Gid> = u.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+        let groups: Vec<Gid> = u
+            .additional_gids
+            .iter()
+            .map(|g| Gid::from_raw(*g))
+            .collect();
         setgroups(&groups).map_err(|e| format!("setgroups {:?}: {e}", u.additional_gids))?;
         setgid(Gid::from_raw(u.gid)).map_err(|e| format!("setgid {}: {e}", u.gid))?;
         setuid(Uid::from_raw(u.uid)).map_err(|e| format!("setuid {}: {e}", u.uid))?;

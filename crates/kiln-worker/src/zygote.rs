@@ -155,14 +155,9 @@ fn zygote_main(sock: OwnedFd) -> i32 {
                     debug!("zygote: shim closed the control socket; exiting");
                     return 0;
                 }
-                Ok(Some((req, chan))) => spawn(
-                    &engine,
-                    &sock,
-                    &sigfd,
-                    own_pidns.as_ref(),
-                    req,
-                    chan,
-                ),
+                Ok(Some((req, chan))) => {
+                    spawn(&engine, &sock, &sigfd, own_pidns.as_ref(), req, chan)
+                }
                 Err(e) => warn!("zygote: bad request: {e}"),
             }
         }
@@ -337,6 +332,21 @@ pub fn send_spawn(sock: RawFd, req: &SpawnRequest, chan: &OwnedFd) -> Result<(),
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(format!("send spawn request to zygote: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_to_fork_from_a_multi_threaded_process() {
+        // The test harness runs this test on a thread of its own, so there are at least two.
+        assert!(thread_count() >= 2);
+        match fork_zygote() {
+            Err(ZygoteError::NotSingleThreaded(n)) => assert!(n >= 2),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 }
