@@ -28,6 +28,7 @@ case "$cmd" in
 start)
   mkdir -p "$dir"
   containerd_bin=${bindir:+$bindir/}containerd
+  ctr_bin=${bindir:+$bindir/}ctr
   if [ $cri = 1 ]; then
     disabled='[]'
   else
@@ -60,7 +61,7 @@ TOML
   "$containerd_bin" --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
   for _ in $(seq 1 200); do
-    if ctr --address "$dir/containerd.sock" version >/dev/null 2>&1; then
+    if "$ctr_bin" --address "$dir/containerd.sock" version >/dev/null 2>&1; then
       echo "$dir/containerd.sock"
       exit 0
     fi
