@@ -186,6 +186,8 @@ pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
             } else {
                 let mut stderr = std::io::stderr();
                 let _ = writeln!(stderr, "kiln: container {}: wasm trap: {e:?}", p.id);
+                // Also in the shim's log: the container's stderr may be gone or unread.
+                log::warn!("container {}: wasm trap: {e:#}", p.id);
                 EXIT_TRAP
             }
         }

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Installs what building and running Kiln needs on Debian 12 (run as root, non-interactive).
+#
+#   scripts/setup.sh
+#
+# * Debian packages, with apt-get, only for what is missing (`apt-get update` only then):
+#     containerd        containerd, ctr
+#     runc              runc
+#     protobuf-compiler protoc
+#     busybox-static    a static /bin/busybox (for the runc comparison image)
+#     python3           python3
+#     ca-certificates   /etc/ssl/certs/ca-certificates.crt
+#     gcc, libc6-dev    cc (cargo links through it)
+#     curl              only when Rust itself has to be installed
+# * Rust: when cargo is missing, rustup with the stable toolchain (from sh.rustup.rs); a
+#   toolchain older than the workspace's rust-version is updated when it is rustup's stable.
+# * The wasm32-wasip1 Rust target (the test workloads), when missing.
+#
+# Idempotent and quiet: prints nothing when everything is present. No stdin is read.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+wasm_target=wasm32-wasip1
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+deb_installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
+# apt-get and dpkg need the sbin directories, which `su` without `-` leaves out of PATH.
+for d in /usr/local/sbin /usr/sbin /sbin; do
+    case ":$PATH:" in *":$d:"*) ;; *) PATH="$PATH:$d" ;; esac
+done
+export PATH
+
+# rustup installs into ~/.cargo/bin, which a non-login shell may not have on PATH yet.
+if ! have cargo && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+
+# --- Debian packages --------------------------------------------------------------------------
+missing=()
+{ have containerd && have ctr; } || missing+=(containerd)
+have runc || missing+=(runc)
+have protoc || missing+=(protobuf-compiler)
+# The dynamically linked `busybox` package also provides /bin/busybox, but the busybox image
+# has no libc: only busybox-static will do (installing it replaces busybox).
+if have dpkg-query; then
+    { deb_installed busybox-static && [ -x /bin/busybox ]; } || missing+=(busybox-static)
+else
+    [ -x /bin/busybox ] || missing+=(busybox-static)
+fi
+have python3 || missing+=(python3)
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+have cc || missing+=(gcc libc6-dev)
+need_rust=0
+if ! have cargo; then
+    need_rust=1
+    have curl || missing+=(curl)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]}; run $0 as root"
+    have apt-get || die "missing packages: ${missing[*]}, and apt-get is not available"
+    log "installing ${missing[*]}"
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" </dev/null >/dev/null
+fi
+
+# --- Rust -------------------------------------------------------------------------------------
+if [ $need_rust = 1 ]; then
+    log "installing Rust (rustup, stable toolchain) into ${CARGO_HOME:-$HOME/.cargo}"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs </dev/null |
+        sh -s -- -y --profile minimal --default-toolchain stable >/dev/null
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    have cargo || die "rustup did not install cargo"
+fi
+
+required=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml | head -n 1)
+if [ -n "$required" ]; then
+    current=$(rustc --version | awk '{print $2}')
+    if [ "$(printf '%s\n%s\n' "$required" "$current" | sort -V | head -n 1)" != "$required" ]; then
+        if have rustup && rustup show active-toolchain 2>/dev/null | grep -q '^stable'; then
+            log "Rust $current is older than the required $required: updating the stable toolchain"
+            rustup update stable --no-self-update </dev/null >/dev/null
+        else
+            die "Rust $current is older than the required $required (rust-version in Cargo.toml)"
+        fi
+    fi
+fi
+
+# --- wasm32-wasip1 ----------------------------------------------------------------------------
+if have rustup; then
+    if ! rustup target list --installed | grep -qx "$wasm_target"; then
+        log "installing Rust target $wasm_target"
+        rustup target add "$wasm_target" </dev/null >/dev/null
+    fi
+elif [ ! -d "$(rustc --print sysroot)/lib/rustlib/$wasm_target" ]; then
+    die "the Rust target $wasm_target is missing and rustup is not available to install it"
+fi
