@@ -94,19 +94,9 @@ python3 scripts/make-busybox-image.py "$images/busybox.tar" >&2
 
 # --- private containerd ------------------------------------------------------------------------
 workdir=$(mktemp -d /tmp/kiln-bench.XXXXXX)
-cleanup() {
-    local rc=$?
-    if [ $rc != 0 ] && [ -f "$workdir/containerd.log" ]; then
-        echo "--- last lines of the private containerd's log ---" >&2
-        tail -n 30 "$workdir/containerd.log" >&2 || true
-    fi
-    "$repo_root/scripts/containerd-private.sh" stop "$workdir" >/dev/null 2>&1 || true
-    rm -rf "$workdir"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=lib/private-containerd.sh
+. "$repo_root/scripts/lib/private-containerd.sh"
+stop_private_containerd_on_exit "$repo_root" "$workdir"
 
 export PATH="$repo_root/target/release:$PATH"
 export KILN_CACHE_DIR="$workdir/cache"

@@ -58,6 +58,7 @@ disabled_plugins = $disabled
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
 TOML
+  echo "$ctr_bin" >"$dir/ctr-bin"
   "$containerd_bin" --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
   for _ in $(seq 1 200); do
@@ -76,6 +77,7 @@ TOML
   ;;
 stop)
   sock="$dir/containerd.sock"
+  ctr() { command "$(cat "$dir/ctr-bin" 2>/dev/null || echo ctr)" "$@"; }
   if [ -S "$sock" ]; then
     for ns in $(ctr --address "$sock" namespaces ls -q 2>/dev/null); do
       for t in $(ctr --address "$sock" -n "$ns" tasks ls -q 2>/dev/null); do

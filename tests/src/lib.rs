@@ -63,6 +63,20 @@ pub struct Kiln {
     pub dir: PathBuf,
     /// containerd's socket.
     pub sock: String,
+    /// The `ctr` matching the containerd under test.
+    pub ctr: PathBuf,
+}
+
+/// The directory of the containerd (and ctr) binaries under test: `KILN_E2E_CONTAINERD_BIN`
+/// (e.g. a containerd 1.7 or 2.x unpacked by scripts/fetch-containerd.sh), else those on PATH.
+fn containerd_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("KILN_E2E_CONTAINERD_BIN").map(PathBuf::from)
+}
+
+fn tool(name: &str) -> PathBuf {
+    containerd_bin_dir()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 static KILN: OnceLock<Result<Kiln, String>> = OnceLock::new();
@@ -144,9 +158,10 @@ fn setup() -> Result<Kiln, String> {
             bin_dir.display()
         ));
     }
-    for tool in ["containerd", "ctr"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            return Err(format!("`{tool}` is not installed or not on PATH"));
+    for name in ["containerd", "ctr"] {
+        let t = tool(name);
+        if Command::new(&t).arg("--version").output().is_err() {
+            return Err(format!("`{}` is not installed or not on PATH", t.display()));
         }
     }
 
@@ -196,9 +211,11 @@ fn setup() -> Result<Kiln, String> {
         std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
     );
     let mut cmd = Command::new(&script);
-    cmd.arg("start")
-        .arg(&dir)
-        .env("PATH", path)
+    cmd.arg("start").arg(&dir);
+    if let Some(bin) = containerd_bin_dir() {
+        cmd.arg("--bin-dir").arg(bin);
+    }
+    cmd.env("PATH", path)
         .env("KILN_CACHE_DIR", dir.join("cache"));
     let out = process::run(cmd, Duration::from_secs(60));
     if !out.success() {
@@ -216,6 +233,7 @@ fn setup() -> Result<Kiln, String> {
         images_dir,
         dir,
         sock,
+        ctr: tool("ctr"),
     };
     for w in WORKLOADS {
         let tar = k.images_dir.join(format!("{w}.tar"));
@@ -336,7 +354,7 @@ impl Kiln {
 
     /// The `ctr -a SOCK <args>` command, not started.
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(&self.ctr);
         cmd.arg("-a").arg(&self.sock).args(args);
         cmd
     }
