@@ -39,6 +39,8 @@ pub struct Image {
     pub cmd: Vec<String>,
     /// The config's Env (`K=V`).
     pub env: Vec<String>,
+    /// The config's User (`uid[:gid]`); empty for none.
+    pub user: String,
     /// The layer's files.
     pub files: Vec<File>,
 }
@@ -53,6 +55,7 @@ impl Image {
             entrypoint: vec![path.to_string()],
             cmd: Vec::new(),
             env: Vec::new(),
+            user: String::new(),
             files: vec![File {
                 path: path.to_string(),
                 data,
@@ -73,6 +76,9 @@ impl Image {
         }
         if !self.env.is_empty() {
             config_body.insert("Env".into(), json!(self.env));
+        }
+        if !self.user.is_empty() {
+            config_body.insert("User".into(), json!(self.user));
         }
         let config = to_vec(&json!({
             "architecture": self.arch,

@@ -1,0 +1,176 @@
+//! What the worker becomes before guest code runs: the container's user, no new privileges,
+//! the namespaces the spec names by path; and the compile cache it loads the module from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_e2e::oci::Image;
+use kiln_e2e::{Container, Kiln, image, kiln};
+use sha2::{Digest, Sha256};
+
+/// Imports a copy of workload `name` whose image config sets `User`, once per test binary.
+fn image_as_user(k: &'static Kiln, name: &str, user: &str) -> String {
+    let reference = format!(
+        "docker.io/kiln-test/{name}-as-{}:latest",
+        user.replace(':', "-")
+    );
+    let mut img = Image::single_file(
+        &reference,
+        &format!("/{name}.wasm"),
+        std::fs::read(k.wasm(name)).expect("read module"),
+    );
+    img.user = user.to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tar = dir.path().join("img.tar");
+    std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
+    let out = k.import(&tar);
+    assert!(out.success(), "import {reference}:\n{out}");
+    reference
+}
+
+fn start_sleeper(c: &Container, opts: &[&str]) -> u32 {
+    start_image(c, &image("sleep"), opts)
+}
+
+fn start_image(c: &Container, image: &str, opts: &[&str]) -> u32 {
+    let mut run = c.run(image);
+    for o in opts {
+        run = run.opt(o);
+    }
+    let out = run.detach();
+    assert!(out.success(), "ctr run -d failed:\n{out}");
+    c.wait_status("RUNNING", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{} not RUNNING; task: {:?}", c.id, c.task()))
+        .pid
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn stop(c: &Container) {
+    let _ = c.kill(Some("SIGKILL"));
+    let _ = c.wait_status("STOPPED", Duration::from_secs(5));
+}
+
+#[test]
+fn the_worker_runs_as_the_containers_user_without_new_privileges() {
+    let k = kiln();
+    let c = k.container("user");
+    let pid = start_image(&c, &image_as_user(k, "sleep", "1000:1001"), &[]);
+    let uid = status_field(pid, "Uid");
+    let gid = status_field(pid, "Gid");
+    let nnp = status_field(pid, "NoNewPrivs");
+    stop(&c);
+    assert!(uid.split_whitespace().all(|u| u == "1000"), "Uid: {uid}");
+    assert!(gid.split_whitespace().all(|g| g == "1001"), "Gid: {gid}");
+    assert_eq!(nnp, "1", "NoNewPrivs");
+
+    // The user's identity applies to guest file access: the rootfs belongs to root.
+    let c = k.container("user-write");
+    let out = c
+        .run(&image_as_user(k, "fileio", "1000:1000"))
+        .args(["/fileio.wasm", "write", "/denied.txt", "x"])
+        .output();
+    assert_eq!(
+        out.code(),
+        1,
+        "uid 1000 must not write to / of the rootfs:\n{out}"
+    );
+    assert!(out.stderr.contains("write failed"), "{out}");
+}
+
+#[test]
+fn the_worker_joins_namespaces_given_by_path() {
+    let k = kiln();
+    // A process in fresh network and UTS namespaces to join.
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--net", "--uts", "sleep", "60"])
+        .spawn()
+        .expect("unshare");
+    let holder_pid = holder.id();
+    let ns = |pid: u32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    // unshare execs sleep once the namespaces exist.
+    let ready = kiln_e2e::wait_until(Duration::from_secs(5), || {
+        (ns(holder_pid, "net") != ns(std::process::id(), "net")).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "unshare did not create a network namespace"
+    );
+
+    let c = k.container("netns");
+    let net = format!("network:/proc/{holder_pid}/ns/net");
+    let uts = format!("uts:/proc/{holder_pid}/ns/uts");
+    let pid = start_sleeper(&c, &["--with-ns", &net, "--with-ns", &uts]);
+    let worker_net = ns(pid, "net");
+    let worker_uts = ns(pid, "uts");
+    let holder_net = ns(holder_pid, "net");
+    let holder_uts = ns(holder_pid, "uts");
+    stop(&c);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(holder_net.is_some() && holder_uts.is_some());
+    assert_eq!(worker_net, holder_net, "network namespace not joined");
+    assert_eq!(worker_uts, holder_uts, "uts namespace not joined");
+}
+
+#[test]
+fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
+    let k = kiln();
+    let wasm = std::fs::read(k.wasm("exitcode")).expect("exitcode.wasm");
+    let key = hex::encode(Sha256::digest(&wasm));
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(k.dir.join("cache"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join(format!("{key}.cwasm")))
+            .find(|p| p.is_file())
+    };
+    for (i, code) in ["7", "8"].iter().enumerate() {
+        let c = k.container(&format!("cache-{i}"));
+        let out = c
+            .run(&image("exitcode"))
+            .args(["/exitcode.wasm", code])
+            .output();
+        assert_eq!(out.code().to_string(), *code, "{out}");
+        if i == 0 {
+            let artifact = find().expect("the compiled module is in the cache after a run");
+            let meta = std::fs::metadata(&artifact).expect("meta");
+            // Only root may write the cache.
+            let dir_mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(artifact.parent().expect("dir"))
+                    .expect("meta")
+                    .permissions(),
+            );
+            assert_eq!(
+                dir_mode & 0o022,
+                0,
+                "cache dir writable by others: {dir_mode:o}"
+            );
+            std::fs::write(
+                k.dir.join("cache-probe"),
+                format!("{:?}", meta.modified().ok()),
+            )
+            .expect("write probe");
+        } else {
+            // The second run mapped the entry: it was not rewritten.
+            let before = std::fs::read_to_string(k.dir.join("cache-probe")).expect("probe");
+            let after = format!(
+                "{:?}",
+                std::fs::metadata(find().expect("entry"))
+                    .expect("meta")
+                    .modified()
+                    .ok()
+            );
+            assert_eq!(before, after, "the cached artifact was recompiled");
+        }
+    }
+}
