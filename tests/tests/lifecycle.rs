@@ -230,3 +230,35 @@ fn nothing_left_after_rm() {
     assert_eq!(out.code(), 137, "{out}");
     assert_cleaned_up(&c.id, Duration::from_secs(3));
 }
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_crashed_shim_is_cleaned_up_by_the_delete_action() {
+    let k = kiln();
+    let c = k.container("shim-crash");
+    let run = c.run(&image("sleep")).spawn();
+    let t = c
+        .wait_status("RUNNING", START)
+        .unwrap_or_else(|| panic!("{} not RUNNING; task: {:?}", c.id, c.task()));
+    // worker → zygote → shim server.
+    let zygote = parent_of(t.pid).expect("the worker's parent");
+    let shim = parent_of(zygote).expect("the zygote's parent");
+    let cmdline = std::fs::read_to_string(format!("/proc/{shim}/cmdline")).unwrap_or_default();
+    assert!(
+        cmdline.contains("containerd-shim-kiln-v1") && cmdline.contains(&c.id),
+        "pid {shim} is not this container's shim: {cmdline:?}"
+    );
+    // SAFETY: kill(2) on a pid we just identified as the shim.
+    assert_eq!(unsafe { libc::kill(shim as i32, libc::SIGKILL) }, 0);
+    // containerd notices the lost shim and runs `containerd-shim-kiln-v1 delete`, which must
+    // end the orphaned worker and remove its cgroup and rootfs mount.
+    let out = run.wait(Duration::from_secs(15));
+    assert_ne!(out.code(), 0, "ctr run must report the loss:\n{out}");
+    assert_cleaned_up(&c.id, Duration::from_secs(5));
+}
