@@ -62,11 +62,18 @@ fn report(chan: &mut UnixStream, r: &WorkerReport) {
 
 fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared, String> {
     let plan = &req.plan;
+    let t0 = Instant::now();
     let pid = std::process::id().to_string();
     for procs in &req.cgroup_procs {
         std::fs::write(procs, &pid).map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
     }
+    let t_cgroup = t0.elapsed();
     crate::stdio::install(&req.stdio)?;
+    debug!(
+        "worker {}: joined cgroup in {t_cgroup:?}, stdio bound at {:?}",
+        plan.id,
+        t0.elapsed()
+    );
 
     let started = Instant::now();
     let cache = kiln_cache::Cache::open(&req.cache_root, engine);
