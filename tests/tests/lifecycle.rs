@@ -262,3 +262,29 @@ fn a_crashed_shim_is_cleaned_up_by_the_delete_action() {
     assert_ne!(out.code(), 0, "ctr run must report the loss:\n{out}");
     assert_cleaned_up(&c.id, Duration::from_secs(5));
 }
+
+#[test]
+fn a_detached_container_outlives_the_client_that_read_its_output() {
+    // `ctr run -d` without --log-uri hands the task FIFOs and exits at once; the guest's later
+    // output must not make it fail (with runc the container keeps running as well).
+    let k = kiln();
+    let c = k.container("detached-print");
+    let out = k.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.kiln.v1",
+        &image("sleep"),
+        &c.id,
+        "/sleep.wasm",
+        "1",
+    ]);
+    assert!(out.success(), "ctr run -d failed:\n{out}");
+    let stopped = c.wait_status("STOPPED", Duration::from_secs(10));
+    assert!(stopped.is_some(), "{} did not finish: {:?}", c.id, c.task());
+    let status = delete_and_get_status(&c);
+    assert_eq!(
+        status, 0,
+        "printing after the client left must not kill the guest"
+    );
+}

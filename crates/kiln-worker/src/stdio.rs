@@ -4,10 +4,13 @@
 //! thread, and output is never held in a buffer that a crash could lose. `file://` URIs (as
 //! `ctr run --log-uri file://...` sends) are appended to; other URI schemes (`binary://`
 //! logging drivers) need a helper process and are refused with a clear error.
+//!
+//! The worker's stdout/stderr are containerd's FIFOs themselves, so a reader that disappears
+//! would turn every later write into EPIPE; see `open_output` for how that is avoided.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use crate::protocol::Stdio;
 
@@ -64,8 +67,16 @@ fn open_output(path: &str, what: &str) -> Result<OwnedFd, String> {
             "{what} URI scheme {scheme}:// is not supported by Kiln (use a FIFO or file://)"
         ));
     }
+    // A FIFO is opened read-write, as runc's shim does: the worker then holds a reading end
+    // itself, so when the client that read the FIFO goes away (`ctr run -d` exits at once)
+    // the guest's writes fill the pipe and block instead of failing with EPIPE, which would
+    // make Rust's println! panic and the container die with 134.
+    let is_fifo = std::fs::metadata(path)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false);
     let f = OpenOptions::new()
         .write(true)
+        .read(is_fifo)
         .open(path)
         .map_err(|e| format!("open {what} {path}: {e}"))?;
     Ok(f.into())

@@ -1,5 +1,6 @@
-//! Sleeps, to test kill/stop/timeouts. With argv[1] = N it sleeps N seconds
-//! and exits 0; without it, it sleeps forever.
+//! Sleeps, to test kill/stop/timeouts. With argv[1] = N it sleeps N seconds,
+//! prints `slept N` (println! panics if stdout is broken) and exits 0; without
+//! it, it sleeps forever.
 
 use std::io::Write;
 use std::time::Duration;
@@ -13,6 +14,7 @@ fn main() {
             for _ in 0..secs {
                 std::thread::sleep(Duration::from_secs(1));
             }
+            println!("slept {secs}");
         }
         None => loop {
             std::thread::sleep(Duration::from_secs(1));
