@@ -24,6 +24,6 @@ cargo test --workspace -- --test-threads=2
 for suite in trixie sid; do
   bin=$(scripts/fetch-containerd.sh "$suite" "target/containerd/$suite")
   echo "==> end-to-end tests against $("$bin/containerd" --version)"
-  KILN_E2E_CONTAINERD_BIN=$bin cargo test -p kiln-e2e --test run --test lifecycle --test errors --test isolation \
+  KILN_E2E_CONTAINERD_BIN=$bin cargo test -p kiln-e2e --test run --test lifecycle --test errors --test isolation --test shared_shim \
     -- --test-threads=2
 done

@@ -94,7 +94,18 @@ thread_local! {
 /// Panics (failing the calling test) with a message saying what to build when the shim or the
 /// images are missing, or when containerd does not start.
 pub fn kiln() -> &'static Kiln {
-    match KILN.get_or_init(setup) {
+    kiln_with_env(&[])
+}
+
+/// Like [`kiln`], with extra environment for containerd (and so the shim), e.g.
+/// `KILN_SHIM_GROUPING`. The first call in a test binary decides it: use one setting per
+/// test binary.
+pub fn kiln_with_env(env: &[(&str, &str)]) -> &'static Kiln {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match KILN.get_or_init(|| setup(env)) {
         Ok(k) => k,
         Err(e) => panic!("the e2e environment could not be set up:\n{e}"),
     }
@@ -148,7 +159,7 @@ fn missing_images(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn setup() -> Result<Kiln, String> {
+fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
     install_panic_hook();
     let repo = repo_root();
     let bin_dir = find_bin_dir(&repo)?;
@@ -215,6 +226,7 @@ fn setup() -> Result<Kiln, String> {
     if let Some(bin) = containerd_bin_dir() {
         cmd.arg("--bin-dir").arg(bin);
     }
+    cmd.envs(env);
     cmd.env("PATH", path)
         .env("KILN_CACHE_DIR", dir.join("cache"));
     let out = process::run(cmd, Duration::from_secs(60));

@@ -13,6 +13,7 @@ use containerd_shim::Flags;
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::shim::DeleteResponse;
 
+use crate::group::{self, Grouping};
 use crate::service::now_timestamp;
 
 /// `start`: launch the server for this container's group and print its address.
@@ -25,11 +26,22 @@ pub fn start(flags: &Flags) -> Result<()> {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
 
-    let grouping = flags.id.as_str();
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, grouping);
+    let grouping = Grouping::from_env()?;
+    let bundle = std::env::current_dir().context("bundle directory")?;
+    let key = grouping.key(&flags.id, &bundle);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &key);
     let path = address.trim_start_matches("unix://");
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    // Held until the server listens, so a concurrent start for the same group waits and then
+    // shares it instead of launching a second one. A per-container shim has no one to race.
+    let _lock = if grouping.shared() {
+        Some(group::lock(&address).context("lock the shim group")?)
+    } else {
+        None
+    };
+    if grouping.shared() && std::os::unix::net::UnixStream::connect(path).is_ok() {
         // A server for this group is already running: share it.
+        group::touch_lease(&address);
+        std::fs::write("address", &address).context("write the address file")?;
         return reply(&address);
     }
 
@@ -75,6 +87,9 @@ pub fn start(flags: &Flags) -> Result<()> {
             "the shim server did not start listening on {address}: {}",
             out.trim()
         );
+    }
+    if grouping.shared() {
+        group::touch_lease(&address);
     }
     std::fs::write("address", &address).context("write the address file")?;
     reply(&address)

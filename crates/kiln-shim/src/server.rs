@@ -30,8 +30,9 @@ pub fn serve(flags: &Flags) -> Result<()> {
     if flags.socket.is_empty() {
         anyhow::bail!("the server needs -socket");
     }
-    containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
-        .context("open containerd's log pipe")?;
+    crate::logging::init(flags.debug, &flags.id).context("open containerd's log pipe")?;
+    let _ = kiln_worker::LOG_REDIRECT.set(crate::logging::redirect_to);
+    let grouping = crate::group::Grouping::from_env()?;
     let zygote = kiln_worker::zygote::fork_zygote().context("start the zygote")?;
     debug!("zygote {} forked", zygote.pid);
     // SAFETY: prctl with integer arguments. Orphaned workers (if the zygote dies) are
@@ -42,19 +43,29 @@ pub fn serve(flags: &Flags) -> Result<()> {
         .enable_all()
         .build()
         .context("build the tokio runtime")?;
-    rt.block_on(run(flags, zygote))
+    rt.block_on(run(flags, zygote, grouping))
 }
 
-async fn run(flags: &Flags, zygote: kiln_worker::zygote::ZygoteHandle) -> Result<()> {
+async fn run(
+    flags: &Flags,
+    zygote: kiln_worker::zygote::ZygoteHandle,
+    grouping: crate::group::Grouping,
+) -> Result<()> {
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
     let publisher = RemotePublisher::new(&ttrpc_address)
         .await
         .context("connect to containerd's event service")?;
     let zygote_pid = zygote.pid;
     let client = ZygoteClient::start(zygote).context("talk to the zygote")?;
-    let service = Arc::new(Service::new(flags.namespace.clone(), publisher, client));
+    let service = Arc::new(Service::new(
+        flags.namespace.clone(),
+        publisher,
+        client,
+        grouping.shared().then(|| flags.socket.clone()),
+    ));
 
     tokio::spawn(reap_children(zygote_pid));
+    tokio::spawn(service.clone().exit_when_idle());
     tokio::spawn(ignore_termination());
 
     let path = flags.socket.trim_start_matches("unix://").to_string();
@@ -82,7 +93,10 @@ async fn run(flags: &Flags, zygote: kiln_worker::zygote::ZygoteHandle) -> Result
     service.wait_for_shutdown().await;
     info!("kiln shim shutting down");
     let _ = server.shutdown().await;
-    let _ = std::fs::remove_file(&path);
+    if !grouping.shared() {
+        // A shared server removed its socket itself, under the group lock.
+        let _ = std::fs::remove_file(&path);
+    }
     Ok(())
 }
 

@@ -115,11 +115,20 @@ pub struct Service {
     layout: Mutex<Option<Layout>>,
     cache_root: PathBuf,
     shutdown: Notify,
+    /// Set when containers share this shim: its socket address, for the idle exit.
+    shared_address: Option<String>,
+    /// Woken when the last container is gone, in a shared shim.
+    maybe_idle: Notify,
 }
 
 impl Service {
     /// A service with no containers.
-    pub fn new(namespace: String, publisher: RemotePublisher, zygote: Arc<ZygoteClient>) -> Self {
+    pub fn new(
+        namespace: String,
+        publisher: RemotePublisher,
+        zygote: Arc<ZygoteClient>,
+        shared_address: Option<String>,
+    ) -> Self {
         let cache_root = std::env::var_os("KILN_CACHE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
@@ -131,12 +140,50 @@ impl Service {
             layout: Mutex::new(None),
             cache_root,
             shutdown: Notify::new(),
+            shared_address,
+            maybe_idle: Notify::new(),
         }
     }
 
     /// Resolves when containerd has shut the shim down.
     pub async fn wait_for_shutdown(&self) {
         self.shutdown.notified().await;
+    }
+
+    /// In a shared shim: exit once no container has been served, and no `start` has handed
+    /// out this shim's address, for the idle timeout. Decided under the group lock, so a
+    /// concurrent `start` either sees the socket gone (and launches a new server) or hands
+    /// out a server that is still there.
+    pub async fn exit_when_idle(self: Arc<Self>) {
+        let Some(address) = self.shared_address.clone() else {
+            return;
+        };
+        let idle = crate::group::idle_timeout();
+        loop {
+            self.maybe_idle.notified().await;
+            loop {
+                tokio::time::sleep(idle).await;
+                if !self.table().is_empty() {
+                    break;
+                }
+                let addr = address.clone();
+                let lock = tokio::task::spawn_blocking(move || crate::group::lock(&addr)).await;
+                let Ok(Ok(_lock)) = lock else {
+                    warn!("cannot take the shim group lock; staying up");
+                    break;
+                };
+                if !self.table().is_empty() {
+                    break;
+                }
+                if crate::group::lease_age(&address) < idle {
+                    continue;
+                }
+                info!("idle for {idle:?} with no containers; exiting");
+                crate::group::remove(&address);
+                self.shutdown.notify_one();
+                return;
+            }
+        }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
@@ -187,6 +234,9 @@ impl Service {
     > {
         let t0 = Instant::now();
         let bundle = PathBuf::from(&req.bundle);
+        if let Err(e) = crate::logging::add(&req.id, &bundle) {
+            debug!(id = req.id.as_str(); "no log pipe in {}: {e}", bundle.display());
+        }
         let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
             .map_err(|e| format!("read config.json: {e}"))?;
         if req.terminal {
@@ -251,6 +301,7 @@ impl Service {
                 .map(|d| d.join("cgroup.procs"))
                 .collect(),
             cache_root: self.cache_root.clone(),
+            log_path: Some(bundle.join("log")),
         };
         let spawned = self.zygote.spawn(spawn).await?;
         undo.pid = Some(spawned.pid);
@@ -271,6 +322,7 @@ impl Service {
             return Err(error);
         }
         debug!(
+            id = req.id.as_str();
             "create {}: plan {t_plan:?}, cgroup {t_cgroup:?}, spawn {t_spawn:?}, ready {:?} ({report:?})",
             req.id,
             t0.elapsed()
@@ -335,7 +387,8 @@ impl Task for Service {
             Ok(c) => c,
             Err(e) => {
                 undo.run();
-                warn!("create {}: {e}", req.id);
+                warn!(id = req.id.as_str(); "create {}: {e}", req.id);
+                crate::logging::remove(&req.id);
                 return Err(rpc_err(
                     Code::FAILED_PRECONDITION,
                     format!("kiln: container {}: {e}", req.id),
@@ -369,7 +422,7 @@ impl Task for Service {
             container,
             exit_rx,
         ));
-        info!("created {} (worker pid {pid})", req.id);
+        info!(id = req.id.as_str(); "created {} (worker pid {pid})", req.id);
         Ok(CreateTaskResponse {
             pid: pid as u32,
             ..Default::default()
@@ -454,6 +507,7 @@ impl Task for Service {
             unmount_rootfs(rootfs);
         }
         self.table().remove(&c.id);
+        crate::logging::remove(&c.id);
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -530,7 +584,7 @@ impl Task for Service {
                 }
             }
         }
-        debug!("kill {} with {signal} (all: {})", c.id, req.all);
+        debug!(id = c.id.as_str(); "kill {} with {signal} (all: {})", c.id, req.all);
         Ok(Empty::new())
     }
 
@@ -604,7 +658,11 @@ impl Task for Service {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         if self.table().is_empty() {
-            self.shutdown.notify_one();
+            if self.shared_address.is_some() {
+                self.maybe_idle.notify_one();
+            } else {
+                self.shutdown.notify_one();
+            }
         } else {
             debug!("shutdown requested while containers remain; staying up");
         }
@@ -705,7 +763,7 @@ async fn watch_exit(
     };
     *c.phase.lock().await = Phase::Stopped(exit);
     c.exited.send_replace(Some(exit));
-    info!("container {} exited with {status}", c.id);
+    info!(id = c.id.as_str(); "container {} exited with {status}", c.id);
     let event = TaskExit {
         container_id: c.id.clone(),
         id: c.id.clone(),

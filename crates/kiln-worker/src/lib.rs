@@ -23,6 +23,11 @@ pub mod zygote;
 
 pub use protocol::{SpawnRequest, Stdio, WorkerReport, ZygoteEvent};
 
+/// Set by the shim before it forks the zygote: points a worker's log records at its own
+/// container's log pipe (`(container id, path of the pipe)`). The worker calls it first thing.
+pub static LOG_REDIRECT: std::sync::OnceLock<fn(&str, &std::path::Path)> =
+    std::sync::OnceLock::new();
+
 /// Exit status of a container whose guest trapped (as an abort: 128 + SIGABRT).
 pub const EXIT_TRAP: i32 = 134;
 /// Exit status of a worker that failed before running guest code.

@@ -42,6 +42,8 @@ pub struct SpawnRequest {
     pub cgroup_procs: Vec<PathBuf>,
     /// The compile cache root.
     pub cache_root: PathBuf,
+    /// The container's log pipe (containerd's `log` FIFO in its bundle), if any.
+    pub log_path: Option<PathBuf>,
 }
 
 /// Zygote → shim.

@@ -25,6 +25,9 @@ use crate::{EXIT_SETUP_FAILED, run};
 pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) -> i32 {
     // The zygote blocks SIGCHLD for its signalfd; a worker starts with a clean mask.
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    if let (Some(path), Some(redirect)) = (&req.log_path, crate::LOG_REDIRECT.get()) {
+        redirect(&req.plan.id, path);
+    }
     let mut chan = UnixStream::from(chan);
     let id = req.plan.id.clone();
     let prepared = match setup(engine, &req) {

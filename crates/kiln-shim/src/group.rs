@@ -1,0 +1,132 @@
+//! Which containers share a shim process, and the lock that keeps two starts (or a start and
+//! an idle server's exit) from racing.
+//!
+//! `KILN_SHIM_GROUPING` in containerd's environment chooses:
+//! * `container` (default): one shim per container, as with every runc container. A shim
+//!   crash affects that container only.
+//! * `pod`: containers of one Kubernetes pod share a shim (the CRI's sandbox id annotation),
+//!   as runc's shim does. A shim crash affects the pod.
+//! * `namespace`: every container of a containerd namespace shares one shim. The blast radius
+//!   is the namespace: if that shim dies, containerd cleans up every container it served (their
+//!   workers are killed by the `delete` action). In exchange, a container costs no shim process
+//!   at all and a start skips launching one.
+//!
+//! A shared shim stays up for `KILN_SHIM_IDLE_SECS` (default 10) after its last container is
+//! deleted, so that a burst of short-lived containers reuses it.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// How containers are grouped into shim processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// One shim per container.
+    Container,
+    /// One shim per Kubernetes pod.
+    Pod,
+    /// One shim per containerd namespace.
+    Namespace,
+}
+
+/// The CRI's annotation naming a container's pod sandbox.
+const SANDBOX_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+impl Grouping {
+    /// From `KILN_SHIM_GROUPING`; an unknown value is an error rather than a silent default.
+    pub fn from_env() -> anyhow::Result<Grouping> {
+        match std::env::var("KILN_SHIM_GROUPING").as_deref() {
+            Err(_) | Ok("") | Ok("container") => Ok(Grouping::Container),
+            Ok("pod") => Ok(Grouping::Pod),
+            Ok("namespace") => Ok(Grouping::Namespace),
+            Ok(other) => anyhow::bail!(
+                "KILN_SHIM_GROUPING={other:?} is not one of container, pod, namespace"
+            ),
+        }
+    }
+
+    /// Whether containers may share the shim.
+    pub fn shared(self) -> bool {
+        self != Grouping::Container
+    }
+
+    /// The key that names the shim for container `id` whose bundle is `bundle`.
+    pub fn key(self, id: &str, bundle: &Path) -> String {
+        match self {
+            Grouping::Container => id.to_string(),
+            Grouping::Namespace => "kiln-namespace".to_string(),
+            Grouping::Pod => sandbox_id(bundle).unwrap_or_else(|| id.to_string()),
+        }
+    }
+}
+
+fn sandbox_id(bundle: &Path) -> Option<String> {
+    let text = std::fs::read(bundle.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v.get("annotations")?
+        .get(SANDBOX_ANNOTATION)?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// How long a shared shim waits, idle, before exiting.
+pub fn idle_timeout() -> Duration {
+    let secs = std::env::var("KILN_SHIM_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(secs)
+}
+
+fn socket_path(address: &str) -> PathBuf {
+    PathBuf::from(address.trim_start_matches("unix://"))
+}
+
+fn side_file(address: &str, ext: &str) -> PathBuf {
+    let mut p = socket_path(address).into_os_string();
+    p.push(ext);
+    PathBuf::from(p)
+}
+
+/// An exclusive lock on the group: held by `start` while it finds or launches the server, and
+/// by an idle server while it decides to exit.
+pub struct Lock(#[allow(dead_code)] File);
+
+/// Takes the group's lock, waiting for it.
+pub fn lock(address: &str) -> std::io::Result<Lock> {
+    let path = side_file(address, ".lock");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Lock(f))
+}
+
+/// Records that `start` just handed this server's address to containerd: a Create follows.
+pub fn touch_lease(address: &str) {
+    let _ = std::fs::write(side_file(address, ".lease"), b"");
+}
+
+/// Time since the last lease (a large value when there is none).
+pub fn lease_age(address: &str) -> Duration {
+    std::fs::metadata(side_file(address, ".lease"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .unwrap_or(Duration::MAX)
+}
+
+/// Removes the socket and its side files (under the lock, when the server exits).
+pub fn remove(address: &str) {
+    let _ = std::fs::remove_file(socket_path(address));
+    let _ = std::fs::remove_file(side_file(address, ".lease"));
+}

@@ -1,0 +1,114 @@
+//! Logging to containerd, one log pipe per container.
+//!
+//! containerd reads a shim's log from the FIFO `log` in each container's bundle and stops
+//! reading when that container is deleted. A shim that serves several containers must therefore
+//! write each record to the pipe of the container it concerns (records carry the container id as
+//! the `id` key, as containerd's own logs do); a record about no container in particular goes to
+//! every live pipe. Writing everything to the first container's pipe would lose every line once
+//! that container is gone.
+//!
+//! Workers are forked from this process and inherit the router; [`redirect_to`] narrows a
+//! worker's copy to its own container's pipe.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
+
+use containerd_shim::logger::FifoLogger;
+use log::{LevelFilter, Log, Metadata, Record};
+
+/// The environment variable that sets the log level (as for other containerd shims).
+const LEVEL_ENV: &str = "RUST_LOG";
+
+struct Router {
+    pipes: Mutex<HashMap<String, FifoLogger>>,
+}
+
+static ROUTER: OnceLock<Router> = OnceLock::new();
+
+fn router() -> &'static Router {
+    ROUTER.get_or_init(|| Router {
+        pipes: Mutex::new(HashMap::new()),
+    })
+}
+
+impl Router {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FifoLogger>> {
+        self.pipes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Logger;
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let pipes = router().lock();
+        let id = record
+            .key_values()
+            .get(log::kv::Key::from_str("id"))
+            .map(|v| v.to_string());
+        match id.as_deref().and_then(|id| pipes.get(id)) {
+            Some(pipe) => pipe.log(record),
+            None => pipes.values().for_each(|p| p.log(record)),
+        }
+    }
+
+    fn flush(&self) {
+        router().lock().values().for_each(|p| p.flush());
+    }
+}
+
+/// Installs the logger, with the pipe in the current directory (the first container's bundle)
+/// registered for container `id`.
+pub fn init(debug: bool, id: &str) -> std::io::Result<()> {
+    add(id, Path::new("."))?;
+    let level = std::env::var(LEVEL_ENV)
+        .ok()
+        .and_then(|l| LevelFilter::from_str(&l).ok())
+        .unwrap_or(LevelFilter::Info);
+    let level = if debug {
+        level.max(LevelFilter::Debug)
+    } else {
+        level
+    };
+    log::set_max_level(level);
+    log::set_logger(&Logger).map_err(std::io::Error::other)
+}
+
+/// Starts sending container `id`'s records to the `log` FIFO in its bundle.
+pub fn add(id: &str, bundle: &Path) -> std::io::Result<()> {
+    let pipe = open_pipe(&bundle.join("log"))?;
+    router().lock().insert(id.to_string(), pipe);
+    Ok(())
+}
+
+/// Stops writing to container `id`'s pipe (containerd stops reading it on delete).
+pub fn remove(id: &str) {
+    router().lock().remove(id);
+}
+
+/// In a worker: keep only this container's pipe.
+pub fn redirect_to(id: &str, path: &Path) {
+    let pipe = open_pipe(path).ok();
+    let mut pipes = router().lock();
+    pipes.clear();
+    if let Some(p) = pipe {
+        pipes.insert(id.to_string(), p);
+    }
+}
+
+fn open_pipe(path: &Path) -> std::io::Result<FifoLogger> {
+    // containerd holds the reading end open for the container's lifetime, so this does not
+    // block; it is opened write-only as containerd expects.
+    let f = OpenOptions::new().write(true).open(path)?;
+    Ok(FifoLogger::with_file(f))
+}

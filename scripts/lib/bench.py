@@ -1,0 +1,694 @@
+#!/usr/bin/env python3
+"""Shared helpers of the benchmark scripts (scripts/bench-*.sh). Python 3 standard library only.
+
+    bench.py host                                 host facts as JSON (stdout)
+    bench.py procs SOCK kiln|runc                 the runtime's processes for the containerd at
+                                                  SOCK, with PSS, as JSON (stdout)
+    bench.py pss PID                              a process's PSS in KiB (stdout)
+    bench.py meminfo                              /proc/meminfo's MemFree, MemAvailable (KiB) as JSON
+    bench.py running SOCK PREFIX                  how many tasks whose id starts with PREFIX are RUNNING
+    bench.py log-scan LOG [SKIP_LINES]            warnings/errors in a containerd log as JSON
+    bench.py throughput-report META_JSON          table + JSON report of bench-throughput.sh
+    bench.py density-report META_JSON             table + JSON report of bench-density.sh
+    bench.py scale-report META_JSON               table + JSON report of bench-density.sh --scale
+    bench.py coldstart-plot JSON PNG              the chart of bench-coldstart.sh (gnuplot)
+
+The report commands read a JSON file of inputs the shell script wrote (paths of raw samples,
+options, snapshots), print the table on stdout and write the report to the path it names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+KILN_EXE = "containerd-shim-kiln-v1"
+RUNC_EXE = "containerd-shim-runc-v2"
+MIB = 1024.0  # KiB per MiB
+
+
+# --- small utilities -------------------------------------------------------------------------
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, `inclusive`)."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary_ms(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    return {
+        "n": len(xs),
+        "min_ms": round(min(xs), 3),
+        "median_ms": round(statistics.median(xs), 3),
+        "p90_ms": round(quantile(xs, 0.9), 3),
+        "max_ms": round(max(xs), 3),
+        "mean_ms": round(statistics.fmean(xs), 3),
+    }
+
+
+def run_out(*cmd: str) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                              check=False).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def grouping_label(value: str | None) -> str:
+    return value if value else "container (default; KILN_SHIM_GROUPING unset)"
+
+
+# --- host facts --------------------------------------------------------------------------------
+
+def meminfo() -> dict:
+    out = {}
+    for line in read("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemFree", "MemAvailable"):
+            out[key] = int(rest.split()[0])
+    return out
+
+
+def cgroup_version() -> str:
+    try:
+        fstype = subprocess.run(["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        fstype = ""
+    if fstype == "cgroup2fs":
+        return "v2"
+    if os.path.isdir("/sys/fs/cgroup/unified") and os.path.exists(
+            "/sys/fs/cgroup/unified/cgroup.controllers"):
+        return "v1 (hybrid: v2 mounted at /sys/fs/cgroup/unified, no controllers)"
+    return "v1"
+
+
+def busy_processes() -> list[str]:
+    """Names of compilers/builders running now: the machine is shared with builds if any."""
+    names = []
+    for pid in pids():
+        try:
+            comm = read(f"/proc/{pid}/comm").strip()
+        except OSError:
+            continue
+        if comm in ("rustc", "cargo", "cc1", "cc1plus", "ld", "clang", "go"):
+            names.append(comm)
+    return names
+
+
+def host() -> dict:
+    mem = meminfo()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit = run_out("git", "-C", repo, "rev-parse", "HEAD")
+    dirty = None
+    if commit:
+        dirty = subprocess.run(["git", "-C", repo, "diff", "--quiet", "HEAD"],
+                               check=False).returncode != 0
+    busy = busy_processes()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "dirty": dirty,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "mem_total_mib": round(mem.get("MemTotal", 0) / MIB),
+        "cgroup": cgroup_version(),
+        "containerd": run_out("containerd", "--version"),
+        "runc": (run_out("runc", "--version") or "").split("\n")[0] or None,
+        "loadavg": read("/proc/loadavg").split()[:3],
+        "rcu_expedited": (read("/sys/kernel/rcu_expedited").strip()
+                          if os.path.exists("/sys/kernel/rcu_expedited") else None),
+        "concurrent_builds": len(busy),
+    }
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def proc_stat(pid: int) -> dict | None:
+    """exe basename, ppid, cmdline, threads, PSS (KiB) of a process; None if it is gone."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = ""
+    try:
+        status = read(f"/proc/{pid}/status")
+        cmdline = read(f"/proc/{pid}/cmdline").split("\0")
+    except OSError:
+        return None
+    fields = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        fields[key] = rest.strip()
+    base = os.path.basename(exe)
+    if base.endswith(" (deleted)"):  # the binary was rebuilt while the process runs
+        base = base[: -len(" (deleted)")]
+    return {
+        "pid": pid,
+        "ppid": int(fields.get("PPid", "0")),
+        "exe": base,
+        "comm": fields.get("Name", ""),
+        "cmdline": [c for c in cmdline if c],
+        "threads": int(fields.get("Threads", "1")),
+    }
+
+
+def smaps_rollup(pid: int) -> dict:
+    """Pss, Pss_Anon, Pss_File, Rss of a process in KiB (0s if it is gone)."""
+    out = {"pss_kib": 0, "pss_anon_kib": 0, "pss_file_kib": 0, "rss_kib": 0}
+    try:
+        text = read(f"/proc/{pid}/smaps_rollup")
+    except OSError:
+        return out
+    keys = {"Pss": "pss_kib", "Pss_Anon": "pss_anon_kib", "Pss_File": "pss_file_kib",
+            "Rss": "rss_kib"}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in keys:
+            out[keys[key]] = int(rest.split()[0])
+    return out
+
+
+def address_of(cmdline: list[str]) -> str | None:
+    for i, arg in enumerate(cmdline):
+        if arg in ("-address", "--address") and i + 1 < len(cmdline):
+            return cmdline[i + 1]
+    return None
+
+
+def runtime_procs(sock: str, runtime: str) -> dict:
+    """The processes a runtime runs for the containerd listening on SOCK, classified.
+
+    kiln: every process whose executable is containerd-shim-kiln-v1 and that belongs to a shim
+    server started for SOCK (its -address): the server itself (its parent is not a Kiln
+    process) is `shim`, a Kiln child of a shim is `zygote`, a Kiln child of a zygote (or
+    deeper) is `worker`. Other processes under a Kiln process are `other`.
+    runc: containerd-shim-runc-v2 processes started for SOCK are `shim`, their children (the
+    containers' processes) `container`.
+    """
+    procs = {}
+    for pid in pids():
+        p = proc_stat(pid)
+        if p is not None:
+            procs[pid] = p
+    children: dict[int, list[int]] = {}
+    for p in procs.values():
+        children.setdefault(p["ppid"], []).append(p["pid"])
+    exe = KILN_EXE if runtime == "kiln" else RUNC_EXE
+    roots = [p for p in procs.values()
+             if p["exe"] == exe and address_of(p["cmdline"]) == sock
+             and procs.get(p["ppid"], {}).get("exe") != exe]
+    found = []
+
+    def walk(pid: int, depth: int) -> None:
+        p = procs[pid]
+        if runtime == "kiln":
+            if p["exe"] != KILN_EXE:
+                kind = "other"
+            else:
+                kind = ["shim", "zygote"][depth] if depth < 2 else "worker"
+        else:
+            kind = "shim" if depth == 0 else ("container" if depth == 1 else "other")
+        found.append({"pid": pid, "ppid": p["ppid"], "kind": kind, "comm": p["comm"],
+                      "threads": p["threads"], **smaps_rollup(pid)})
+        for c in children.get(pid, []):
+            walk(c, depth + 1)
+
+    for r in roots:
+        walk(r["pid"], 0)
+    by_kind: dict[str, dict] = {}
+    for f in found:
+        k = by_kind.setdefault(f["kind"], {"count": 0, "pss_kib": 0, "pss_anon_kib": 0,
+                                           "pss_file_kib": 0, "rss_kib": 0, "threads": 0})
+        k["count"] += 1
+        for key in ("pss_kib", "pss_anon_kib", "pss_file_kib", "rss_kib", "threads"):
+            k[key] += f[key]
+    return {
+        "runtime": runtime,
+        "processes": found,
+        "by_kind": by_kind,
+        "count": len(found),
+        "pss_kib": sum(f["pss_kib"] for f in found),
+        "threads": sum(f["threads"] for f in found),
+    }
+
+
+def running(sock: str, prefix: str) -> int:
+    out = subprocess.run(["ctr", "--address", sock, "tasks", "ls"], capture_output=True,
+                         text=True, check=False).stdout
+    n = 0
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].startswith(prefix) and parts[2] == "RUNNING":
+            n += 1
+    return n
+
+
+LIMIT_PATTERNS = [
+    ("open files (RLIMIT_NOFILE)", re.compile(r"too many open files|EMFILE|ENFILE", re.I)),
+    ("processes/threads (pid_max, threads-max, RLIMIT_NPROC or pids cgroup)",
+     re.compile(r"resource temporarily unavailable|EAGAIN|cannot allocate thread", re.I)),
+    ("memory", re.compile(r"cannot allocate memory|ENOMEM|out of memory", re.I)),
+    ("space (disk, inotify or mounts)", re.compile(r"no space left on device|ENOSPC", re.I)),
+]
+
+
+def log_scan(path: str, skip: int = 0) -> dict:
+    """Warnings and errors in a containerd log from line SKIP on, grouped by message."""
+    counts = {"error": 0, "warning": 0, "fatal": 0}
+    examples: dict[str, int] = {}
+    limits: dict[str, int] = {}
+    try:
+        lines = read(path).splitlines()[skip:]
+    except OSError:
+        lines = []
+    for line in lines:
+        m = re.search(r'level=(error|warning|fatal)', line)
+        if not m:
+            continue
+        counts[m.group(1)] += 1
+        msg = re.search(r'msg="((?:[^"\\]|\\.)*)"', line)
+        err = re.search(r'error="((?:[^"\\]|\\.)*)"', line)
+        text = (msg.group(1) if msg else line)[:200]
+        if err:
+            text += f" (error: {err.group(1)[:200]})"
+        # Ids and numbers vary per container: fold them so one message is counted once.
+        key = re.sub(r"\b[0-9a-f]{12,}\b|\b\d+\b", "N", text)
+        key = re.sub(r"(kiln|bench|density|scale|tp)-[A-Za-z0-9_-]+", "ID", key)
+        examples[f"{m.group(1)}: {key}"] = examples.get(f"{m.group(1)}: {key}", 0) + 1
+        for name, pattern in LIMIT_PATTERNS:
+            if pattern.search(line):
+                limits[name] = limits.get(name, 0) + 1
+    top = sorted(examples.items(), key=lambda kv: -kv[1])[:15]
+    return {"counts": counts, "messages": [{"count": c, "message": k} for k, c in top],
+            "limit_hits": limits, "lines_scanned": len(lines)}
+
+
+def print_log_scan(scan: dict) -> None:
+    c = scan["counts"]
+    print(f'containerd log: {c["error"]} errors, {c["warning"]} warnings, {c["fatal"]} fatal')
+    for m in scan["messages"][:8]:
+        print(f'  {m["count"]:5d} x {m["message"]}')
+
+
+# --- throughput --------------------------------------------------------------------------------
+
+def throughput_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    passes = []
+    for p in meta["passes"]:
+        lat = []
+        failures = 0
+        for line in read(p["samples"]).splitlines():
+            _n, rc, t0, t1 = line.split()
+            if rc != "0":
+                failures += 1
+            else:
+                lat.append((int(t1) - int(t0)) / 1e6)
+        errors = read(p["errors"]).splitlines() if os.path.exists(p["errors"]) else []
+        wall_s = (p["end_ns"] - p["start_ns"]) / 1e9
+        recorded = failures + len(lat)
+        passes.append({
+            "label": p["label"], "pass": p["pass"], "runtime": p["runtime"],
+            "image": p["image"], "args": p["args"],
+            "tasks": meta["tasks"], "recorded": recorded, "failures": failures,
+            "wall_s": round(wall_s, 3),
+            "tasks_per_s": round(meta["tasks"] / wall_s, 2),
+            "ok_per_s": round(len(lat) / wall_s, 2),
+            "latency": summary_ms(lat),
+            "latencies_ms": [round(x, 3) for x in lat],
+            "errors": errors[:20],
+            "leftover_containers": p.get("leftover", 0),
+        })
+    scan = log_scan(meta["containerd_log"])
+    report = {
+        "benchmark": "throughput",
+        "host": meta["host"],
+        "shim_grouping": meta.get("shim_grouping") or None,
+        "method": "M `ctr run --rm --runtime RUNTIME IMAGE ID ARGS` with unique ids, at most P "
+                  "at once (xargs -P), on a private containerd; tasks_per_s = M / wall time of "
+                  "the whole pass; latency = wall time of each successful `ctr run` (ctr "
+                  "start-up included, date +%s%N), p90 by linear interpolation; one untimed "
+                  "run per runtime first (fills the compile cache)",
+        "tasks": meta["tasks"], "parallel": meta["parallel"],
+        "passes": passes,
+        "containerd_log": scan,
+    }
+    print()
+    print(f'throughput: {meta["tasks"]} x `ctr run --rm`, at most {meta["parallel"]} at once; '
+          f'shim grouping: {grouping_label(meta.get("shim_grouping"))}')
+    print(f'{"runtime":<8} {"pass":>4} {"tasks":>6} {"fail":>5} {"wall s":>8} {"tasks/s":>8} '
+          f'{"median ms":>10} {"p90 ms":>8}  workload')
+    for p in passes:
+        lat = p["latency"]
+        med = f'{lat["median_ms"]:10.1f}' if lat["n"] else f'{"-":>10}'
+        p90 = f'{lat["p90_ms"]:8.1f}' if lat["n"] else f'{"-":>8}'
+        print(f'{p["label"]:<8} {p["pass"]:>4} {p["tasks"]:>6} {p["failures"]:>5} '
+              f'{p["wall_s"]:8.2f} {p["tasks_per_s"]:8.2f} {med} {p90}  '
+              f'{" ".join([p["image"], *p["args"]])}')
+    for p in passes:
+        if p["errors"]:
+            print(f'{p["label"]} pass {p["pass"]}: first failures:')
+            for e in p["errors"][:5]:
+                print(f"  {e[:300]}")
+        if p["leftover_containers"]:
+            print(f'{p["label"]} pass {p["pass"]}: {p["leftover_containers"]} containers were '
+                  "left behind by `ctr run --rm` (removed)")
+    print_log_scan(scan)
+    write_json(meta["out"], report)
+    print(f'\nreport: {meta["out"]}')
+
+
+# --- density -----------------------------------------------------------------------------------
+
+def mib(kib: float) -> float:
+    return round(kib / MIB, 2)
+
+
+def density_phase(ph: dict) -> dict:
+    before, after = ph["before"], ph["after"]
+    n = ph["n"]
+    added_pss = after["pss_kib"] - before["pss_kib"]
+    added_procs = after["count"] - before["count"]
+    cd_growth = ph["containerd_pss_after_kib"] - ph["containerd_pss_before_kib"]
+    total = added_pss + cd_growth
+    running_n = ph["running"]
+    per = running_n if running_n else n
+    kinds = {}
+    for kind, k in sorted(after["by_kind"].items()):
+        b = before["by_kind"].get(kind, {"count": 0, "pss_kib": 0, "threads": 0})
+        kinds[kind] = {
+            "count": k["count"], "count_added": k["count"] - b["count"],
+            "pss_mib": mib(k["pss_kib"]), "pss_added_mib": mib(k["pss_kib"] - b["pss_kib"]),
+            "pss_anon_mib": mib(k["pss_anon_kib"]), "pss_file_mib": mib(k["pss_file_kib"]),
+            "rss_mib": mib(k["rss_kib"]), "threads": k["threads"],
+            "pss_per_process_mib": mib(k["pss_kib"] / k["count"]) if k["count"] else None,
+        }
+    mem_b, mem_a = ph["mem_before"], ph["mem_after"]
+    return {
+        "label": ph["label"], "runtime": ph["runtime"], "image": ph["image"],
+        "args": ph["args"], "requested": n, "start_failures": ph["start_failures"],
+        "running": running_n,
+        "start_wall_s": round(ph["start_wall_s"], 3),
+        "start_latency": ph.get("start_latency"),
+        "by_kind": kinds,
+        "processes_added": added_procs,
+        "processes_per_container": round(added_procs / per, 2) if per else None,
+        "threads_added": after["threads"] - before["threads"],
+        "shim_pss_added_mib": mib(added_pss),
+        "containerd_pss_before_mib": mib(ph["containerd_pss_before_kib"]),
+        "containerd_pss_after_mib": mib(ph["containerd_pss_after_kib"]),
+        "containerd_pss_growth_mib": mib(cd_growth),
+        "total_pss_mib": mib(total),
+        "pss_per_container_mib": mib(total / per) if per else None,
+        "mem_available_before_mib": mib(mem_b["MemAvailable"]),
+        "mem_available_after_mib": mib(mem_a["MemAvailable"]),
+        "mem_available_drop_per_container_mib":
+            mib((mem_b["MemAvailable"] - mem_a["MemAvailable"]) / per) if per else None,
+        "leftover_processes_after_cleanup": ph.get("leftover", 0),
+        "errors": ph.get("errors", [])[:20],
+    }
+
+
+def read_latencies(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    lat = []
+    for line in read(path).splitlines():
+        _n, rc, t0, t1 = line.split()
+        if rc == "0":
+            lat.append((int(t1) - int(t0)) / 1e6)
+    return summary_ms(lat)
+
+
+def load_phase(p: dict) -> dict:
+    ph = dict(p)
+    ph["before"] = load_json(p["before"])
+    ph["after"] = load_json(p["after"])
+    ph["mem_before"] = load_json(p["mem_before"])
+    ph["mem_after"] = load_json(p["mem_after"])
+    ph["start_latency"] = read_latencies(p["samples"])
+    ph["errors"] = read(p["errors"]).splitlines() if os.path.exists(p["errors"]) else []
+    return ph
+
+
+def density_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    phases = [density_phase(load_phase(p)) for p in meta["phases"]]
+    scan = log_scan(meta["containerd_log"])
+    report = {
+        "benchmark": "density",
+        "host": meta["host"],
+        "shim_grouping": meta.get("shim_grouping") or None,
+        "method": "N idle containers started with `ctr run -d` (at most P at once) on a private "
+                  "containerd; once all are RUNNING (plus a short settle), PSS from "
+                  "/proc/PID/smaps_rollup of every process the runtime added (kiln: all "
+                  "containerd-shim-kiln-v1 processes of this containerd, classified by parent "
+                  "as shim/zygote/worker; runc: containerd-shim-runc-v2 processes and their "
+                  "children) plus the growth of containerd's own PSS; per container = total / "
+                  "containers running. MemAvailable is system-wide and noisy on a shared machine.",
+        "n": meta["n"], "parallel": meta["parallel"],
+        "phases": phases,
+        "containerd_log": scan,
+    }
+    print()
+    print(f'density: {meta["n"]} idle containers per runtime; shim grouping: '
+          f'{grouping_label(meta.get("shim_grouping"))}')
+    print(f'{"runtime":<6} {"running":>7} {"procs/ctr":>9} {"PSS/ctr MiB":>11} '
+          f'{"total MiB":>9} {"containerd +MiB":>15} {"MemAvail drop/ctr":>17}  processes (count: PSS MiB)')
+    for ph in phases:
+        kinds = ", ".join(f'{k} {v["count"]}: {v["pss_mib"]:.1f}'
+                          for k, v in ph["by_kind"].items())
+        per = ph["pss_per_container_mib"]
+        drop = ph["mem_available_drop_per_container_mib"]
+        print(f'{ph["label"]:<6} {ph["running"]:>4}/{ph["requested"]:<3} '
+              f'{ph["processes_per_container"] if ph["processes_per_container"] is not None else "-":>8} '
+              f'{per if per is not None else "-":>11} {ph["total_pss_mib"]:>9.1f} '
+              f'{ph["containerd_pss_growth_mib"]:>15.1f} {drop if drop is not None else "-":>17}  {kinds}')
+    print("per-process PSS (MiB, mean): " + "; ".join(
+        f'{ph["label"]} ' + ", ".join(f'{k} {v["pss_per_process_mib"]}' for k, v in ph["by_kind"].items())
+        for ph in phases))
+    for ph in phases:
+        lat = ph["start_latency"]
+        if lat and lat.get("n"):
+            print(f'{ph["label"]}: `ctr run -d` median {lat["median_ms"]:.1f} ms, p90 '
+                  f'{lat["p90_ms"]:.1f} ms; all {ph["requested"]} started in {ph["start_wall_s"]:.1f} s')
+        if ph["start_failures"]:
+            print(f'{ph["label"]}: {ph["start_failures"]} starts failed; first: '
+                  + "; ".join(e[:200] for e in ph["errors"][:3]))
+        if ph["leftover_processes_after_cleanup"]:
+            print(f'{ph["label"]}: {ph["leftover_processes_after_cleanup"]} processes still '
+                  "there after cleanup")
+    print_log_scan(scan)
+    write_json(meta["out"], report)
+    print(f'\nreport: {meta["out"]}')
+
+
+def scale_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    ph = load_phase(meta["phase"])
+    d = density_phase(ph)
+    scan = log_scan(meta["containerd_log"])
+    limits = meta["limits"]
+    hits = []
+    for name, count in scan["limit_hits"].items():
+        hits.append(f"containerd log: {count} lines about {name}")
+    err_text = "\n".join(ph["errors"])
+    for name, pattern in LIMIT_PATTERNS:
+        n = len(pattern.findall(err_text))
+        if n:
+            hits.append(f"ctr errors: {n} about {name}")
+    if limits.get("containerd_fds_after") and limits.get("containerd_nofile_soft"):
+        if limits["containerd_fds_after"] >= 0.9 * limits["containerd_nofile_soft"]:
+            hits.append(f'containerd holds {limits["containerd_fds_after"]} fds of its '
+                        f'{limits["containerd_nofile_soft"]} limit')
+    if limits.get("tasks_after") and limits.get("pid_max"):
+        if limits["tasks_after"] >= 0.9 * min(limits["pid_max"], limits["threads_max"]):
+            hits.append(f'{limits["tasks_after"]} threads on the machine, close to pid_max/threads-max')
+    report = {
+        "benchmark": "density-scale",
+        "host": meta["host"],
+        "shim_grouping": meta.get("shim_grouping") or None,
+        "method": "K idle Kiln sleepers started with `ctr run -d`, at most P at once; counted "
+                  "RUNNING after all starts returned (with a wait of up to the timeout); PSS as "
+                  "in the density benchmark; time = from the first start to the count",
+        "k": meta["k"], "parallel": meta["parallel"],
+        "result": d,
+        "time_to_running_s": round(meta["time_to_running_s"], 3),
+        "cleanup_s": round(meta.get("cleanup_s", 0), 3),
+        "mem_free_before_mib": mib(ph["mem_before"]["MemFree"]),
+        "mem_free_after_mib": mib(ph["mem_after"]["MemFree"]),
+        "limits": limits,
+        "limit_hits": hits,
+        "containerd_log": scan,
+    }
+    print()
+    print(f'density at scale: {meta["k"]} Kiln sleepers, at most {meta["parallel"]} starts at once; '
+          f'shim grouping: {grouping_label(meta.get("shim_grouping"))}')
+    print(f'  reached RUNNING     {d["running"]} of {meta["k"]} ({d["start_failures"]} starts failed)')
+    print(f'  time                {meta["time_to_running_s"]:.1f} s to start all '
+          f'({d["running"] / meta["time_to_running_s"]:.1f} containers/s); cleanup {meta.get("cleanup_s", 0):.1f} s')
+    print(f'  processes added     {d["processes_added"]} ('
+          + ", ".join(f'{k} {v["count"]}' for k, v in d["by_kind"].items())
+          + f'), {d["threads_added"]} threads')
+    print(f'  total PSS           {d["total_pss_mib"]:.1f} MiB (shim processes '
+          f'{d["shim_pss_added_mib"]:.1f} + containerd growth {d["containerd_pss_growth_mib"]:.1f}); '
+          f'{d["pss_per_container_mib"]} MiB per container')
+    print(f'  MemFree             {report["mem_free_before_mib"]:.0f} -> {report["mem_free_after_mib"]:.0f} MiB; '
+          f'MemAvailable {d["mem_available_before_mib"]:.0f} -> {d["mem_available_after_mib"]:.0f} MiB '
+          f'({d["mem_available_drop_per_container_mib"]} MiB per container)')
+    print(f'  limits              ulimit -n {limits["ulimit_n"]} (containerd: {limits["containerd_nofile_soft"]}, '
+          f'{limits["containerd_fds_after"]} fds open at the peak), ulimit -u {limits["ulimit_u"]}, '
+          f'pid_max {limits["pid_max"]}, threads-max {limits["threads_max"]}, '
+          f'{limits["tasks_after"]} threads on the machine at the peak')
+    if hits:
+        print("  LIMIT HIT: " + "; ".join(hits))
+    else:
+        print("  no limit hit (no EMFILE/EAGAIN/ENOMEM/ENOSPC in the containerd log or ctr errors)")
+    if ph["errors"]:
+        print("  first failures: " + "; ".join(e[:200] for e in ph["errors"][:3]))
+    print_log_scan(scan)
+    write_json(meta["out"], report)
+    print(f'\nreport: {meta["out"]}')
+
+
+# --- cold-start chart --------------------------------------------------------------------------
+
+def coldstart_plot(json_path: str, png_path: str) -> int:
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        print("bench.py: gnuplot not found; no chart", file=sys.stderr)
+        return 1
+    report = load_json(json_path)
+    rts = report["runtimes"]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "samples.dat")
+        cold = os.path.join(tmp, "cold.dat")
+        with open(data, "w") as f:
+            for i, rt in enumerate(rts):
+                f.write(f'# {rt["label"]}\n')
+                for ms in rt["samples_ms"]:
+                    f.write(f"{i + 1} {ms}\n")
+                f.write("\n\n")
+        has_cold = False
+        with open(cold, "w") as f:
+            for i, rt in enumerate(rts):
+                if rt.get("cold_cache_ms") is not None:
+                    has_cold = True
+                    f.write(f'{i + 1} {rt["cold_cache_ms"]}\n')
+        xtics = ", ".join(f'"{rt["label"]}\\n(median {rt["summary"]["median_ms"]:.0f} ms)" {i + 1}'
+                          for i, rt in enumerate(rts))
+        h = report.get("host", {})
+        title = (f'`ctr run --rm` wall time, {report.get("rounds")} rounds interleaved — '
+                 f'{report.get("date", "")[:10]}, {h.get("cpus")} CPUs, kernel {h.get("kernel")}')
+        title = title.replace('"', "'")
+        plots = [f"for [i=0:{len(rts) - 1}] '{data}' index i using (i+1):2 with boxplot "
+                 "lc rgb '#4477aa' fs transparent solid 0.25 notitle",
+                 f"for [i=0:{len(rts) - 1}] '{data}' index i using ($1 + (rand(0) - 0.5) * 0.25):2 "
+                 "with points pt 7 ps 0.6 lc rgb '#222222' notitle"]
+        if has_cold:
+            plots.append(f"'{cold}' using 1:2 with points pt 9 ps 2 lc rgb '#cc3311' "
+                         "title 'first run after emptying the compile cache'")
+        script = f"""
+set terminal pngcairo size 900,600 font ",10"
+set output '{png_path}'
+set title "{title}"
+set ylabel "ms"
+set xrange [0.4:{len(rts) + 0.6}]
+set yrange [0:*]
+set xtics ({xtics}) nomirror
+set grid ytics
+set key top left
+set style boxplot outliers pointtype 7
+set style data boxplot
+set boxwidth 0.5
+set samples 1000
+plot {", ".join(plots)}
+"""
+        result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                                check=False)
+        if result.returncode != 0 and "pngcairo" in result.stderr:
+            script = script.replace('set terminal pngcairo size 900,600 font ",10"',
+                                    "set terminal png size 900,600")
+            result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                                    check=False)
+        if result.returncode != 0:
+            print(f"bench.py: gnuplot failed: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+    print(f"chart: {png_path}")
+    return 0
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "host":
+        print(json.dumps(host()))
+    elif cmd == "procs" and len(args) == 2:
+        print(json.dumps(runtime_procs(args[0], args[1])))
+    elif cmd == "pss" and len(args) == 1:
+        print(smaps_rollup(int(args[0]))["pss_kib"])
+    elif cmd == "meminfo":
+        print(json.dumps(meminfo()))
+    elif cmd == "running" and len(args) == 2:
+        print(running(args[0], args[1]))
+    elif cmd == "log-scan" and len(args) in (1, 2):
+        print(json.dumps(log_scan(args[0], int(args[1]) if len(args) == 2 else 0), indent=2))
+    elif cmd == "throughput-report" and len(args) == 1:
+        throughput_report(args[0])
+    elif cmd == "density-report" and len(args) == 1:
+        density_report(args[0])
+    elif cmd == "scale-report" and len(args) == 1:
+        scale_report(args[0])
+    elif cmd == "coldstart-plot" and len(args) == 2:
+        return coldstart_plot(args[0], args[1])
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

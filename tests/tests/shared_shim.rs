@@ -1,0 +1,130 @@
+//! `KILN_SHIM_GROUPING=namespace`: the containers of a containerd namespace share one shim
+//! process; each container's log lines still reach containerd after earlier containers are
+//! gone; the shim exits once it has been idle.
+
+use std::time::Duration;
+
+use kiln_e2e::{Container, Kiln, image, kiln_with_env, wait_until};
+
+fn k() -> &'static Kiln {
+    kiln_with_env(&[
+        ("KILN_SHIM_GROUPING", "namespace"),
+        ("KILN_SHIM_IDLE_SECS", "2"),
+    ])
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// The shim server serving a worker: worker → zygote → server.
+fn shim_of(worker: u32) -> u32 {
+    let zygote = parent_of(worker).expect("worker's parent");
+    parent_of(zygote).expect("zygote's parent")
+}
+
+/// Shim server processes of this test binary's containerd (their `-address` is our socket).
+fn servers(k: &Kiln) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-kiln-v1"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-address" && w[1] == k.sock.as_bytes());
+        let server = args.iter().any(|a| *a == b"-socket");
+        let parent_is_shim = parent_of(pid)
+            .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+            .is_some_and(|c| {
+                c.split(|b| *b == 0)
+                    .next()
+                    .is_some_and(|a| a.ends_with(b"containerd-shim-kiln-v1"))
+            });
+        if is_shim && ours && server && !parent_is_shim {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn start_sleeper(c: &Container) -> u32 {
+    let out = c.run(&image("sleep")).detach();
+    assert!(out.success(), "ctr run -d failed:\n{out}");
+    c.wait_status("RUNNING", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{} not RUNNING; task: {:?}", c.id, c.task()))
+        .pid
+}
+
+fn stop(c: &Container) {
+    let _ = c.kill(Some("SIGKILL"));
+    let _ = c.wait_status("STOPPED", Duration::from_secs(5));
+    let _ = c.delete_task();
+    let _ = c.delete_container();
+}
+
+// One test drives the whole sequence: the shim's lifetime spans the containers, so parallel
+// tests in this binary would see each other's shim.
+#[test]
+fn containers_of_a_namespace_share_one_shim() {
+    let k = k();
+
+    // Two sleepers: one shim server between them, separate workers.
+    let a = k.container("shared-a");
+    let b = k.container("shared-b");
+    let pa = start_sleeper(&a);
+    let pb = start_sleeper(&b);
+    assert_ne!(pa, pb);
+    let shim = shim_of(pa);
+    assert_eq!(shim, shim_of(pb), "the two containers have different shims");
+    assert_eq!(servers(k), vec![shim], "exactly one shim server");
+
+    // Killing one leaves the other running.
+    let out = a.kill(Some("SIGKILL"));
+    assert!(out.success(), "{out}");
+    assert!(a.wait_status("STOPPED", Duration::from_secs(2)).is_some());
+    assert_eq!(b.task().map(|t| t.status).as_deref(), Some("RUNNING"));
+    stop(&a);
+
+    // With a gone, b's log lines must still reach containerd: kill b and look for its exit
+    // line, which the shim writes to b's own log pipe.
+    stop(&b);
+    let log = std::fs::read_to_string(k.log_path()).unwrap_or_default();
+    let line = format!("container {} exited with 137", b.id);
+    assert!(
+        log.contains(&line),
+        "containerd's log lacks {line:?}: lines for later containers are lost"
+    );
+
+    // A later container reuses the still-running shim.
+    let c = k.container("shared-hello");
+    let out = c.run(&image("hello")).output();
+    assert_eq!(out.stdout, "Hello from Kiln!\n", "{out}");
+    assert_eq!(
+        servers(k),
+        vec![shim],
+        "hello did not reuse the shared shim"
+    );
+
+    // Idle with no containers: the shim exits after KILN_SHIM_IDLE_SECS.
+    let gone = wait_until(Duration::from_secs(10), || {
+        servers(k).is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the idle shared shim is still running: {:?}",
+        servers(k)
+    );
+
+    // And the next container starts a new one.
+    let d = k.container("shared-after");
+    let out = d.run(&image("hello")).output();
+    assert_eq!(out.stdout, "Hello from Kiln!\n", "{out}");
+}
