@@ -25,7 +25,10 @@
 # right after the compile cache has been emptied (the first start of a module on a node).
 #
 # Prints min / median / p90 / max per runtime (ms) and the ratio of the medians to runc's;
-# writes the raw samples and the summary as JSON to ${OUT:-target/bench/coldstart.json}.
+# writes the raw samples and the summary as JSON to ${OUT:-target/bench/coldstart.json}, and a
+# chart of the distributions (a box and the samples per runtime, and the cold-cache run) next
+# to it as PNG (coldstart.png); the chart needs gnuplot, which is installed with apt-get
+# (gnuplot-nox) when missing; without it the script warns and writes no chart.
 # The private containerd is stopped and its directory removed on exit.
 set -euo pipefail
 
@@ -91,6 +94,15 @@ cargo build --release -p kiln-shim -p kiln-cli
 images="$repo_root/target/test-images"
 scripts/build-test-images.sh >&2
 python3 scripts/make-busybox-image.py "$images/busybox.tar" >&2
+# The chart: gnuplot, installed the way scripts/setup.sh installs packages (only when missing).
+if ! command -v gnuplot >/dev/null 2>&1; then
+    log "installing gnuplot-nox (for the chart)"
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            gnuplot-nox </dev/null >/dev/null; } ||
+        echo "warning: could not install gnuplot-nox; no chart will be written" >&2
+fi
 
 # --- private containerd ------------------------------------------------------------------------
 workdir=$(mktemp -d /tmp/kiln-bench.XXXXXX)
@@ -263,3 +275,6 @@ with open(tmp, "w") as f:
 os.replace(tmp, out)
 print(f"\nraw samples and summary: {out}")
 PY
+png="${out%.json}.png"
+python3 "$repo_root/scripts/lib/bench.py" coldstart-plot "$out" "$png" ||
+    echo "warning: no chart written" >&2

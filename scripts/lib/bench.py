@@ -291,9 +291,24 @@ LIMIT_PATTERNS = [
 ]
 
 
+def log_runtime(line: str) -> str:
+    """Which runtime a containerd log line is about: its runtime= field, else the label the
+    benchmarks put in container ids (tp-kiln-1-7, density-runc-3, warmup-kiln), else `-`."""
+    m = re.search(r'runtime=io\.containerd\.(\w+)', line)
+    if m:
+        return m.group(1)
+    m = re.search(r'\bid=\"?[a-z]+-(kiln|runc)\b', line)
+    if m:
+        return m.group(1)
+    m = re.search(r'[a-z]+-(kiln|runc)-\d', line)
+    return m.group(1) if m else "-"
+
+
 def log_scan(path: str, skip: int = 0) -> dict:
-    """Warnings and errors in a containerd log from line SKIP on, grouped by message."""
+    """Warnings and errors in a containerd log from line SKIP on, grouped by message and by the
+    runtime they are about."""
     counts = {"error": 0, "warning": 0, "fatal": 0}
+    by_runtime: dict[str, dict[str, int]] = {}
     examples: dict[str, int] = {}
     limits: dict[str, int] = {}
     try:
@@ -304,28 +319,57 @@ def log_scan(path: str, skip: int = 0) -> dict:
         m = re.search(r'level=(error|warning|fatal)', line)
         if not m:
             continue
-        counts[m.group(1)] += 1
+        level = m.group(1)
+        counts[level] += 1
+        rt = log_runtime(line)
+        by_runtime.setdefault(rt, {"error": 0, "warning": 0, "fatal": 0})[level] += 1
         msg = re.search(r'msg="((?:[^"\\]|\\.)*)"', line)
         err = re.search(r'error="((?:[^"\\]|\\.)*)"', line)
-        text = (msg.group(1) if msg else line)[:200]
+        text = msg.group(1) if msg else line
         if err:
-            text += f" (error: {err.group(1)[:200]})"
-        # Ids and numbers vary per container: fold them so one message is counted once.
-        key = re.sub(r"\b[0-9a-f]{12,}\b|\b\d+\b", "N", text)
-        key = re.sub(r"(kiln|bench|density|scale|tp)-[A-Za-z0-9_-]+", "ID", key)
-        examples[f"{m.group(1)}: {key}"] = examples.get(f"{m.group(1)}: {key}", 0) + 1
+            text += f" (error: {err.group(1)})"
+        # Nested log text (a shim's stderr) is cut at its first line; ids, times and numbers
+        # vary per container: fold them so one message is counted once.
+        parts = text.split("\\n")
+        nested = [x for x in parts[1:] if re.search(r"level=(warning|error|fatal)", x)]
+        if nested:  # e.g. "cleanup warnings": keep the shim's own warnings, not its info lines
+            text = parts[0].split(" time=")[0] + ": " + " | ".join(
+                re.sub(r'^time=\\"[^\\]*\\" ', "", x) for x in nested)
+        else:
+            text = parts[0]
+        text = text[:300]
+        key = re.sub(r'time=\\"[^\\]*\\"', "time=T", text)
+        key = re.sub(r"\b[0-9a-f]{12,}\b|\b\d+\b", "N", key)
+        key = re.sub(r"\b[a-z]+-(kiln|runc)(-N)*\b", "ID", key)
+        key = re.sub(r"/tmp/kiln-bench[^ /]*", "WORKDIR", key)
+        k = f"{level} [{rt}]: {key}"
+        examples[k] = examples.get(k, 0) + 1
         for name, pattern in LIMIT_PATTERNS:
             if pattern.search(line):
                 limits[name] = limits.get(name, 0) + 1
-    top = sorted(examples.items(), key=lambda kv: -kv[1])[:15]
-    return {"counts": counts, "messages": [{"count": c, "message": k} for k, c in top],
+    top = sorted(examples.items(), key=lambda kv: -kv[1])[:20]
+    return {"counts": counts, "by_runtime": by_runtime,
+            "messages": [{"count": c, "message": k} for k, c in top],
             "limit_hits": limits, "lines_scanned": len(lines)}
+
+
+def keep_log(meta: dict) -> str | None:
+    """Copy the containerd log next to the report (the work dir is removed on exit)."""
+    dest = re.sub(r"\.json$", "", meta["out"]) + "-containerd.log"
+    try:
+        shutil.copyfile(meta["containerd_log"], dest)
+    except OSError:
+        return None
+    return dest
 
 
 def print_log_scan(scan: dict) -> None:
     c = scan["counts"]
-    print(f'containerd log: {c["error"]} errors, {c["warning"]} warnings, {c["fatal"]} fatal')
-    for m in scan["messages"][:8]:
+    per = "; ".join(f'{rt}: {v["error"]} errors, {v["warning"]} warnings'
+                    for rt, v in sorted(scan["by_runtime"].items()))
+    print(f'containerd log: {c["error"]} errors, {c["warning"]} warnings, {c["fatal"]} fatal'
+          + (f" ({per})" if per else ""))
+    for m in scan["messages"][:10]:
         print(f'  {m["count"]:5d} x {m["message"]}')
 
 
@@ -393,8 +437,9 @@ def throughput_report(meta_path: str) -> None:
             print(f'{p["label"]} pass {p["pass"]}: {p["leftover_containers"]} containers were '
                   "left behind by `ctr run --rm` (removed)")
     print_log_scan(scan)
+    kept = keep_log(meta)
     write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}')
+    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
 
 
 # --- density -----------------------------------------------------------------------------------
@@ -518,8 +563,9 @@ def density_report(meta_path: str) -> None:
             print(f'{ph["label"]}: {ph["leftover_processes_after_cleanup"]} processes still '
                   "there after cleanup")
     print_log_scan(scan)
+    kept = keep_log(meta)
     write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}')
+    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
 
 
 def scale_report(meta_path: str) -> None:
@@ -586,8 +632,9 @@ def scale_report(meta_path: str) -> None:
     if ph["errors"]:
         print("  first failures: " + "; ".join(e[:200] for e in ph["errors"][:3]))
     print_log_scan(scan)
+    kept = keep_log(meta)
     write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}')
+    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
 
 
 # --- cold-start chart --------------------------------------------------------------------------
@@ -614,12 +661,18 @@ def coldstart_plot(json_path: str, png_path: str) -> int:
                 if rt.get("cold_cache_ms") is not None:
                     has_cold = True
                     f.write(f'{i + 1} {rt["cold_cache_ms"]}\n')
-        xtics = ", ".join(f'"{rt["label"]}\\n(median {rt["summary"]["median_ms"]:.0f} ms)" {i + 1}'
+
+        def clean(label: str) -> str:  # a --runtime NAME may hold anything
+            return re.sub(r'[`"\\\\]', "'", label)
+
+        xtics = ", ".join(f'"{clean(rt["label"])}\\n(median {rt["summary"]["median_ms"]:.0f} ms)" {i + 1}'
                           for i, rt in enumerate(rts))
         h = report.get("host", {})
-        title = (f'`ctr run --rm` wall time, {report.get("rounds")} rounds interleaved — '
-                 f'{report.get("date", "")[:10]}, {h.get("cpus")} CPUs, kernel {h.get("kernel")}')
-        title = title.replace('"', "'")
+        title = (f'cold start: wall time of ctr run --rm, {report.get("rounds")} rounds '
+                 f'interleaved\\n{report.get("date", "")[:10]}, {h.get("cpus")} CPUs, kernel '
+                 f'{h.get("kernel")}, containerd {(h.get("containerd") or "? ?").split()[-1]}')
+        # gnuplot runs `...` in double-quoted strings as a shell command: no backquotes.
+        title = title.replace('"', "'").replace("`", "'")
         plots = [f"for [i=0:{len(rts) - 1}] '{data}' index i using (i+1):2 with boxplot "
                  "lc rgb '#4477aa' fs transparent solid 0.25 notitle",
                  f"for [i=0:{len(rts) - 1}] '{data}' index i using ($1 + (rand(0) - 0.5) * 0.25):2 "
@@ -636,7 +689,9 @@ set xrange [0.4:{len(rts) + 0.6}]
 set yrange [0:*]
 set xtics ({xtics}) nomirror
 set grid ytics
-set key top left
+set termoption noenhanced
+set bmargin 6
+set key at screen 0.5, 0.04 center horizontal
 set style boxplot outliers pointtype 7
 set style data boxplot
 set boxwidth 0.5

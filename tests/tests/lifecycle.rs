@@ -288,3 +288,21 @@ fn a_detached_container_outlives_the_client_that_read_its_output() {
         "printing after the client left must not kill the guest"
     );
 }
+
+#[test]
+fn workers_orphaned_by_a_dead_zygote_still_report_their_exit() {
+    let k = kiln();
+    let c = k.container("zygote-death");
+    let pid = start_sleeper(&c);
+    let zygote = parent_of(pid).expect("the worker's parent");
+    // SAFETY: kill(2) on the zygote we just identified.
+    assert_eq!(unsafe { libc::kill(zygote as i32, libc::SIGKILL) }, 0);
+    // The worker is reparented to the shim (a child subreaper), which must reap it and still
+    // deliver its exit to containerd.
+    let reparented = wait_until(Duration::from_secs(5), || {
+        parent_of(pid).filter(|p| *p != zygote)
+    });
+    assert!(reparented.is_some(), "worker {pid} not reparented");
+    kill_and_wait_stopped(&c, Some("SIGTERM"));
+    assert_eq!(delete_and_get_status(&c), 143);
+}

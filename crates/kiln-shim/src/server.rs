@@ -60,11 +60,11 @@ async fn run(
     let service = Arc::new(Service::new(
         flags.namespace.clone(),
         publisher,
-        client,
+        client.clone(),
         grouping.shared().then(|| flags.socket.clone()),
     ));
 
-    tokio::spawn(reap_children(zygote_pid));
+    tokio::spawn(reap_children(zygote_pid, client));
     tokio::spawn(service.clone().exit_when_idle());
     tokio::spawn(ignore_termination());
 
@@ -125,8 +125,9 @@ async fn ignore_termination() {
     }
 }
 
-/// Reaps the zygote and any orphaned worker reparented to us.
-async fn reap_children(zygote_pid: i32) {
+/// Reaps the zygote and any orphaned worker reparented to us (if the zygote died, its workers
+/// become our children, and their exits still belong to their containers).
+async fn reap_children(zygote_pid: i32, client: Arc<ZygoteClient>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut sigchld) = signal(SignalKind::child()) else {
         warn!("cannot watch SIGCHLD; orphaned workers will not be reaped");
@@ -139,8 +140,14 @@ async fn reap_children(zygote_pid: i32) {
                 Ok(status) => {
                     if status.pid().map(Pid::as_raw) == Some(zygote_pid) {
                         error!("the zygote exited ({status:?}); new containers cannot start");
-                    } else {
-                        debug!("reaped orphan {status:?}");
+                    } else if let Some(pid) = status.pid() {
+                        let code = match status {
+                            WaitStatus::Exited(_, code) => code,
+                            WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+                            _ => continue,
+                        };
+                        debug!("reaped orphaned worker {pid} ({code})");
+                        client.route_exit(pid.as_raw(), code);
                     }
                 }
             }
