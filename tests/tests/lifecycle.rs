@@ -72,6 +72,9 @@ fn sigterm_stops_a_foreground_run_with_143() {
     let run = c.run(&image("sleep")).spawn();
     c.wait_status("RUNNING", START)
         .unwrap_or_else(|| panic!("{} not RUNNING; task: {:?}", c.id, c.task()));
+    // RUNNING means started, not that the guest has printed yet; give it time to reach its
+    // sleep so the output check below is about Kiln, not about who won the race.
+    std::thread::sleep(Duration::from_millis(500));
 
     let t0 = Instant::now();
     let out = c.kill(None);

@@ -119,6 +119,8 @@ pub struct Service {
     shared_address: Option<String>,
     /// Woken when the last container is gone, in a shared shim.
     maybe_idle: Notify,
+    /// Cgroup removals still running in the background.
+    cleanups: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Service {
@@ -142,12 +144,23 @@ impl Service {
             shutdown: Notify::new(),
             shared_address,
             maybe_idle: Notify::new(),
+            cleanups: Mutex::new(Vec::new()),
         }
     }
 
     /// Resolves when containerd has shut the shim down.
     pub async fn wait_for_shutdown(&self) {
         self.shutdown.notified().await;
+        let pending: Vec<_> = self.lock_cleanups().drain(..).collect();
+        for task in pending {
+            let _ = task.await;
+        }
+    }
+
+    fn lock_cleanups(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
+        let mut list = self.cleanups.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|t| !t.is_finished());
+        list
     }
 
     /// In a shared shim: exit once no container has been served, and no `start` has handed
@@ -497,11 +510,18 @@ impl Task for Service {
                 wait_exit(&c).await
             }
         };
-        if let Some(cg) = &c.cgroup {
-            let _ = cg.kill_all();
-            if let Err(e) = cg.remove() {
-                warn!("delete {}: remove cgroup: {e}", c.id);
-            }
+        if let Some(cg) = c.cgroup.clone() {
+            // Removing a cgroup waits for the kernel to take its controllers offline (an RCU
+            // grace period on v1, milliseconds), and nothing in Delete's reply depends on it:
+            // it is done in the background, and the shim waits for it before exiting.
+            let id = c.id.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let _ = cg.kill_all();
+                if let Err(e) = cg.remove() {
+                    warn!(id = id.as_str(); "delete {id}: remove cgroup: {e}");
+                }
+            });
+            self.lock_cleanups().push(task);
         }
         if let Some(rootfs) = &c.rootfs {
             unmount_rootfs(rootfs);
