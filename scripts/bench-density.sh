@@ -201,7 +201,7 @@ run_phase() {
     t0=$(date +%s%N)
     local progress_pid=""
     if [ "$count" -ge 200 ]; then
-        (while sleep 10; do
+        (while sleep 10 && kill -0 $$ 2>/dev/null; do
             printf '    %s of %s started\n' "$(wc -l <"$dir/samples")" "$count" >&2
         done) &
         progress_pid=$!
@@ -213,7 +213,7 @@ run_phase() {
     deadline=$((SECONDS + 60 + count / 5))
     while :; do
         running_n=$("${bench[@]}" running "$sock" "$prefix-")
-        [ "$running_n" -lt "$ok" ] && [ $SECONDS -lt $deadline ] || break
+        if [ "$running_n" -ge "$ok" ] || [ $SECONDS -ge $deadline ]; then break; fi
         sleep 0.5
     done
     t1=$(date +%s%N)
@@ -240,7 +240,7 @@ run_phase() {
 
 # limits_now: the limits that bound how many containers fit, and where the machine stands.
 limits_now() {
-    local nofile nproc fds tasks pids_max="" cg
+    local nofile nproc fds tasks pids_max="" mem_max="" cg
     nofile=$(awk '/^Max open files/ { print $4 }' "/proc/$containerd_pid/limits")
     nproc=$(awk '/^Max processes/ { print $3 }' "/proc/$containerd_pid/limits")
     fds=$(find "/proc/$containerd_pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
@@ -249,10 +249,15 @@ limits_now() {
     for f in "/sys/fs/cgroup/pids$cg/pids.max" "/sys/fs/cgroup$cg/pids.max"; do
         [ -f "$f" ] && { pids_max=$(cat "$f"); break; }
     done
-    printf '{"ulimit_n":%s,"ulimit_u":%s,"containerd_nofile_soft":%s,"containerd_nproc_soft":%s,"containerd_fds_after":%s,"pid_max":%s,"threads_max":%s,"tasks_after":%s,"containerd_pids_cgroup_max":%s}' \
+    # The shims stay in containerd's cgroup (only the guests move to the containers' cgroups).
+    cg=$(awk -F: '$2 == "memory" || ($1 == "0" && $2 == "") { print $3; exit }' "/proc/$containerd_pid/cgroup")
+    for f in "/sys/fs/cgroup/memory$cg/memory.limit_in_bytes" "/sys/fs/cgroup$cg/memory.max"; do
+        [ -f "$f" ] && { mem_max=$(cat "$f"); break; }
+    done
+    printf '{"ulimit_n":%s,"ulimit_u":%s,"containerd_nofile_soft":%s,"containerd_nproc_soft":%s,"containerd_fds_after":%s,"pid_max":%s,"threads_max":%s,"tasks_after":%s,"containerd_pids_cgroup_max":%s,"containerd_memory_cgroup_max":%s}' \
         "$(jstr "$(ulimit -n)")" "$(jstr "$(ulimit -u)")" "$(jstr "$nofile")" "$(jstr "$nproc")" \
         "$fds" "$(cat /proc/sys/kernel/pid_max)" "$(cat /proc/sys/kernel/threads-max)" "$tasks" \
-        "$(jstr "${pids_max:-unknown}")"
+        "$(jstr "${pids_max:-max (no pids.max: root pids cgroup)}")" "$(jstr "${mem_max:-unknown}")"
 }
 
 grouping_json=$(if [ -n "${KILN_SHIM_GROUPING+x}" ]; then jstr "$grouping"; else echo null; fi)

@@ -353,6 +353,23 @@ def log_scan(path: str, skip: int = 0) -> dict:
             "limit_hits": limits, "lines_scanned": len(lines)}
 
 
+def end_of_run(host_facts: dict) -> dict:
+    """The host facts, plus the load and the builds running at the end of the run."""
+    out = dict(host_facts)
+    out["loadavg_end"] = read("/proc/loadavg").split()[:3]
+    out["concurrent_builds_end"] = len(busy_processes())
+    return out
+
+
+def shared_note(h: dict) -> str | None:
+    builds = max(h.get("concurrent_builds") or 0, h.get("concurrent_builds_end") or 0)
+    if builds:
+        return (f"note: the machine was shared: {builds} compiler processes were running "
+                f"(load {' '.join(h.get('loadavg', []))} at the start, "
+                f"{' '.join(h.get('loadavg_end', []))} at the end)")
+    return None
+
+
 def keep_log(meta: dict) -> str | None:
     """Copy the containerd log next to the report (the work dir is removed on exit)."""
     dest = re.sub(r"\.json$", "", meta["out"]) + "-containerd.log"
@@ -405,7 +422,7 @@ def throughput_report(meta_path: str) -> None:
     scan = log_scan(meta["containerd_log"])
     report = {
         "benchmark": "throughput",
-        "host": meta["host"],
+        "host": end_of_run(meta["host"]),
         "shim_grouping": meta.get("shim_grouping") or None,
         "method": "M `ctr run --rm --runtime RUNTIME IMAGE ID ARGS` with unique ids, at most P "
                   "at once (xargs -P), on a private containerd; tasks_per_s = M / wall time of "
@@ -437,6 +454,9 @@ def throughput_report(meta_path: str) -> None:
             print(f'{p["label"]} pass {p["pass"]}: {p["leftover_containers"]} containers were '
                   "left behind by `ctr run --rm` (removed)")
     print_log_scan(scan)
+    note = shared_note(report["host"])
+    if note:
+        print(note)
     kept = keep_log(meta)
     write_json(meta["out"], report)
     print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
@@ -484,6 +504,7 @@ def density_phase(ph: dict) -> dict:
         "containerd_pss_growth_mib": mib(cd_growth),
         "total_pss_mib": mib(total),
         "pss_per_container_mib": mib(total / per) if per else None,
+        "procs_pss_per_container_mib": mib(added_pss / per) if per else None,
         "mem_available_before_mib": mib(mem_b["MemAvailable"]),
         "mem_available_after_mib": mib(mem_a["MemAvailable"]),
         "mem_available_drop_per_container_mib":
@@ -521,7 +542,7 @@ def density_report(meta_path: str) -> None:
     scan = log_scan(meta["containerd_log"])
     report = {
         "benchmark": "density",
-        "host": meta["host"],
+        "host": end_of_run(meta["host"]),
         "shim_grouping": meta.get("shim_grouping") or None,
         "method": "N idle containers started with `ctr run -d` (at most P at once) on a private "
                   "containerd; once all are RUNNING (plus a short settle), PSS from "
@@ -537,17 +558,24 @@ def density_report(meta_path: str) -> None:
     print()
     print(f'density: {meta["n"]} idle containers per runtime; shim grouping: '
           f'{grouping_label(meta.get("shim_grouping"))}')
-    print(f'{"runtime":<6} {"running":>7} {"procs/ctr":>9} {"PSS/ctr MiB":>11} '
-          f'{"total MiB":>9} {"containerd +MiB":>15} {"MemAvail drop/ctr":>17}  processes (count: PSS MiB)')
+    print("PSS/ctr: (runtime processes + containerd growth) / containers; procs only: without "
+          "containerd's growth (its Go heap makes that part noisy at small N)")
+    print(f'{"runtime":<7} {"running":>7} {"procs/ctr":>9} {"PSS/ctr MiB":>11} '
+          f'{"procs only":>10} {"total MiB":>9} {"containerd +MiB":>15} {"MemAvail drop/ctr":>17}'
+          "  processes (count: PSS MiB)")
+
+    def cell(v, width, fmt="{:.2f}"):
+        return f"{'-' if v is None else fmt.format(v):>{width}}"
+
     for ph in phases:
         kinds = ", ".join(f'{k} {v["count"]}: {v["pss_mib"]:.1f}'
                           for k, v in ph["by_kind"].items())
-        per = ph["pss_per_container_mib"]
-        drop = ph["mem_available_drop_per_container_mib"]
-        print(f'{ph["label"]:<6} {ph["running"]:>4}/{ph["requested"]:<3} '
-              f'{ph["processes_per_container"] if ph["processes_per_container"] is not None else "-":>8} '
-              f'{per if per is not None else "-":>11} {ph["total_pss_mib"]:>9.1f} '
-              f'{ph["containerd_pss_growth_mib"]:>15.1f} {drop if drop is not None else "-":>17}  {kinds}')
+        per_procs = ph["procs_pss_per_container_mib"]
+        print(f'{ph["label"]:<7} {ph["running"]:>3}/{ph["requested"]:<3} '
+              f'{cell(ph["processes_per_container"], 9, "{:.1f}")} '
+              f'{cell(ph["pss_per_container_mib"], 11)} {cell(per_procs, 10)} '
+              f'{ph["total_pss_mib"]:>9.1f} {ph["containerd_pss_growth_mib"]:>15.1f} '
+              f'{cell(ph["mem_available_drop_per_container_mib"], 17)}  {kinds}')
     print("per-process PSS (MiB, mean): " + "; ".join(
         f'{ph["label"]} ' + ", ".join(f'{k} {v["pss_per_process_mib"]}' for k, v in ph["by_kind"].items())
         for ph in phases))
@@ -563,6 +591,9 @@ def density_report(meta_path: str) -> None:
             print(f'{ph["label"]}: {ph["leftover_processes_after_cleanup"]} processes still '
                   "there after cleanup")
     print_log_scan(scan)
+    note = shared_note(report["host"])
+    if note:
+        print(note)
     kept = keep_log(meta)
     write_json(meta["out"], report)
     print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
@@ -573,7 +604,9 @@ def scale_report(meta_path: str) -> None:
     ph = load_phase(meta["phase"])
     d = density_phase(ph)
     scan = log_scan(meta["containerd_log"])
-    limits = meta["limits"]
+    # Numbers where the shell gave numbers as strings ("unlimited" stays a string).
+    limits = {k: (int(v) if isinstance(v, str) and v.isdigit() else v)
+              for k, v in meta["limits"].items()}
     hits = []
     for name, count in scan["limit_hits"].items():
         hits.append(f"containerd log: {count} lines about {name}")
@@ -582,7 +615,8 @@ def scale_report(meta_path: str) -> None:
         n = len(pattern.findall(err_text))
         if n:
             hits.append(f"ctr errors: {n} about {name}")
-    if limits.get("containerd_fds_after") and limits.get("containerd_nofile_soft"):
+    if isinstance(limits.get("containerd_fds_after"), int) and \
+            isinstance(limits.get("containerd_nofile_soft"), int):
         if limits["containerd_fds_after"] >= 0.9 * limits["containerd_nofile_soft"]:
             hits.append(f'containerd holds {limits["containerd_fds_after"]} fds of its '
                         f'{limits["containerd_nofile_soft"]} limit')
@@ -591,7 +625,7 @@ def scale_report(meta_path: str) -> None:
             hits.append(f'{limits["tasks_after"]} threads on the machine, close to pid_max/threads-max')
     report = {
         "benchmark": "density-scale",
-        "host": meta["host"],
+        "host": end_of_run(meta["host"]),
         "shim_grouping": meta.get("shim_grouping") or None,
         "method": "K idle Kiln sleepers started with `ctr run -d`, at most P at once; counted "
                   "RUNNING after all starts returned (with a wait of up to the timeout); PSS as "
@@ -625,6 +659,11 @@ def scale_report(meta_path: str) -> None:
           f'{limits["containerd_fds_after"]} fds open at the peak), ulimit -u {limits["ulimit_u"]}, '
           f'pid_max {limits["pid_max"]}, threads-max {limits["threads_max"]}, '
           f'{limits["tasks_after"]} threads on the machine at the peak')
+    mem_max = limits.get("containerd_memory_cgroup_max")
+    if isinstance(mem_max, int) and mem_max >= 2**62:
+        mem_max = "none"
+    print(f'  cgroups             containerd (and the shims): pids.max '
+          f'{limits.get("containerd_pids_cgroup_max")}, memory limit {mem_max}')
     if hits:
         print("  LIMIT HIT: " + "; ".join(hits))
     else:
@@ -632,6 +671,9 @@ def scale_report(meta_path: str) -> None:
     if ph["errors"]:
         print("  first failures: " + "; ".join(e[:200] for e in ph["errors"][:3]))
     print_log_scan(scan)
+    note = shared_note(report["host"])
+    if note:
+        print(note)
     kept = keep_log(meta)
     write_json(meta["out"], report)
     print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
