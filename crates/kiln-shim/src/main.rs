@@ -10,6 +10,7 @@
 //! containerd 1.6 and 1.7 (still on most nodes) need a bare address and `containerd.task.v2.Task`.
 //! Everything else (flags, socket naming, logger, publisher, mounts, protos) is the crate's.
 
+mod events;
 mod group;
 mod logging;
 mod manager;

@@ -12,7 +12,6 @@ use containerd_shim::Flags;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::protos::ttrpc::r#async::Server;
 use containerd_shim::protos::ttrpc::r#async::transport::Listener;
-use containerd_shim::publisher::RemotePublisher;
 use log::{debug, error, info, warn};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -52,8 +51,9 @@ async fn run(
     grouping: crate::group::Grouping,
 ) -> Result<()> {
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
-    let publisher = RemotePublisher::new(&ttrpc_address)
+    let publisher = crate::events::Publisher::connect(&ttrpc_address)
         .await
+        .map_err(anyhow::Error::msg)
         .context("connect to containerd's event service")?;
     let zygote_pid = zygote.pid;
     let client = ZygoteClient::start(zygote).context("talk to the zygote")?;

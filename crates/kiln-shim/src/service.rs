@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use containerd_shim::TtrpcContext;
 use containerd_shim::protos::api::{
     self, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
     DeleteResponse, KillRequest, PidsRequest, PidsResponse, ShutdownRequest, StartRequest,
@@ -24,8 +25,6 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
-use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Context, TtrpcContext};
 use kiln_cgroups::{Cgroup, Layout, Resources};
 use kiln_worker::protocol::START_BYTE;
 use kiln_worker::{SpawnRequest, Stdio, WorkerReport};
@@ -34,6 +33,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, watch};
 
+use crate::events::Publisher;
 use crate::zygote_client::ZygoteClient;
 
 /// Where compiled modules are cached unless `KILN_CACHE_DIR` says otherwise.
@@ -109,7 +109,7 @@ impl Container {
 /// The Task service.
 pub struct Service {
     namespace: String,
-    publisher: Arc<RemotePublisher>,
+    publisher: Arc<Publisher>,
     zygote: Arc<ZygoteClient>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     layout: Mutex<Option<Layout>>,
@@ -127,7 +127,7 @@ impl Service {
     /// A service with no containers.
     pub fn new(
         namespace: String,
-        publisher: RemotePublisher,
+        publisher: Publisher,
         zygote: Arc<ZygoteClient>,
         shared_address: Option<String>,
     ) -> Self {
@@ -223,11 +223,7 @@ impl Service {
         topic: &str,
         event: Box<dyn containerd_shim::protos::protobuf::MessageDyn>,
     ) {
-        if let Err(e) = self
-            .publisher
-            .publish(Context::default(), topic, &self.namespace, event)
-            .await
-        {
+        if let Err(e) = self.publisher.publish(topic, &self.namespace, event).await {
             warn!("publish {topic}: {e}");
         }
     }
@@ -770,7 +766,7 @@ async fn wait_exit(c: &Container) -> Exit {
 
 /// Records a worker's exit and tells containerd.
 async fn watch_exit(
-    publisher: Arc<RemotePublisher>,
+    publisher: Arc<Publisher>,
     namespace: String,
     c: Arc<Container>,
     rx: tokio::sync::oneshot::Receiver<i32>,
@@ -793,12 +789,7 @@ async fn watch_exit(
         ..Default::default()
     };
     if let Err(e) = publisher
-        .publish(
-            Context::default(),
-            topics::TASK_EXIT_EVENT_TOPIC,
-            &namespace,
-            Box::new(event),
-        )
+        .publish(topics::TASK_EXIT_EVENT_TOPIC, &namespace, Box::new(event))
         .await
     {
         warn!("publish exit of {}: {e}", c.id);
