@@ -105,38 +105,8 @@ for name in "${names[@]}"; do
     ctr --address "$sock" images import --all-platforms "$images/$name.tar" >/dev/null
 done
 
-# One start: "N RC T0_NS T1_NS" appended to OUTDIR/samples, a failure's output to OUTDIR/errors.
-cat >"$workdir/start.sh" <<'SH'
-#!/bin/sh
-# start.sh N SOCK RUNTIME REF PREFIX OUTDIR [ARGS...]
-n=$1 sock=$2 rt=$3 ref=$4 prefix=$5 out=$6
-shift 6
-t0=$(date +%s%N)
-if msg=$(timeout 300 ctr --address "$sock" run -d --runtime "$rt" "$ref" "$prefix-$n" "$@" 2>&1); then
-    rc=0
-else
-    rc=$?
-fi
-t1=$(date +%s%N)
-printf '%s %s %s %s\n' "$n" "$rc" "$t0" "$t1" >>"$out/samples"
-if [ "$rc" != 0 ]; then
-    printf '%s-%s: exit %s: %s\n' "$prefix" "$n" "$rc" "$(printf '%s' "$msg" | tr '\n' ' ')" >>"$out/errors"
-fi
-exit 0
-SH
-chmod +x "$workdir/start.sh"
-
-jstr() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }
-jarr() {
-    local first=1 a
-    printf '['
-    for a in "$@"; do
-        [ $first = 1 ] || printf ','
-        first=0
-        jstr "$a"
-    done
-    printf ']'
-}
+# shellcheck source=lib/json.sh
+. "$repo_root/scripts/lib/json.sh"
 
 # count_procs KIND: how many processes of the runtime (kiln|runc) this containerd has.
 count_procs() { "${bench[@]}" procs "$sock" "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])'; }
@@ -206,7 +176,7 @@ run_phase() {
         done) &
         progress_pid=$!
     fi
-    seq 1 "$count" | xargs -P "$parallel" -I{} "$workdir/start.sh" {} "$sock" "$runtime" "$ref" \
+    seq 1 "$count" | xargs -P "$parallel" -I{} "$repo_root/scripts/lib/timed-ctr-run.sh" -d {} "$sock" "$runtime" "$ref" \
         "$prefix" "$dir" "$@"
     [ -z "$progress_pid" ] || { kill "$progress_pid" 2>/dev/null || true; wait "$progress_pid" 2>/dev/null || true; }
     ok=$(awk '$2 == 0' "$dir/samples" | wc -l)

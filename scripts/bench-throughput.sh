@@ -88,39 +88,8 @@ for name in hello busybox; do
     ctr --address "$sock" images import --all-platforms "$images/$name.tar" >/dev/null
 done
 
-# One task: "N RC T0_NS T1_NS" appended to OUTDIR/samples (one short write: atomic with
-# O_APPEND), and the output of a failed task to OUTDIR/errors.
-cat >"$workdir/task.sh" <<'SH'
-#!/bin/sh
-# task.sh N SOCK RUNTIME REF PREFIX OUTDIR [ARGS...]
-n=$1 sock=$2 rt=$3 ref=$4 prefix=$5 out=$6
-shift 6
-t0=$(date +%s%N)
-if msg=$(timeout 300 ctr --address "$sock" run --rm --runtime "$rt" "$ref" "$prefix-$n" "$@" 2>&1); then
-    rc=0
-else
-    rc=$?
-fi
-t1=$(date +%s%N)
-printf '%s %s %s %s\n' "$n" "$rc" "$t0" "$t1" >>"$out/samples"
-if [ "$rc" != 0 ]; then
-    printf '%s-%s: exit %s: %s\n' "$prefix" "$n" "$rc" "$(printf '%s' "$msg" | tr '\n' ' ')" >>"$out/errors"
-fi
-exit 0
-SH
-chmod +x "$workdir/task.sh"
-
-jstr() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }
-jarr() {
-    local first=1 a
-    printf '['
-    for a in "$@"; do
-        [ $first = 1 ] || printf ','
-        first=0
-        jstr "$a"
-    done
-    printf ']'
-}
+# shellcheck source=lib/json.sh
+. "$repo_root/scripts/lib/json.sh"
 
 # --- runs --------------------------------------------------------------------------------------
 # label runtime image args (args split on spaces)
@@ -150,7 +119,7 @@ for which in 0 1 0; do
     log "$label pass $p: $tasks tasks, at most $parallel at once"
     start_ns=$(date +%s%N)
     # shellcheck disable=SC2086 # ARGS are split on spaces, by design
-    seq 1 "$tasks" | xargs -P "$parallel" -I{} "$workdir/task.sh" {} "$sock" "$runtime" "$ref" \
+    seq 1 "$tasks" | xargs -P "$parallel" -I{} "$repo_root/scripts/lib/timed-ctr-run.sh" --rm {} "$sock" "$runtime" "$ref" \
         "$prefix" "$dir" $args
     end_ns=$(date +%s%N)
     # `ctr run --rm` removes its container; any that is left is a finding (and is removed).
