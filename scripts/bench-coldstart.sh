@@ -85,15 +85,9 @@ count=${#labels[@]}
 [ "$(id -u)" = 0 ] || die "run as root: containerd and runc need it"
 
 # --- build -------------------------------------------------------------------------------------
-scripts/setup.sh
-if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
-    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-fi
-log "building Kiln (release)"
-cargo build --release -p kiln-shim -p kiln-cli
-images="$repo_root/target/test-images"
-scripts/build-test-images.sh >&2
-python3 scripts/make-busybox-image.py "$images/busybox.tar" >&2
+# shellcheck source=lib/build-for-run.sh
+. "$repo_root/scripts/lib/build-for-run.sh"
+build_for_run "$repo_root"
 # The chart: gnuplot, installed the way scripts/setup.sh installs packages (only when missing).
 if ! command -v gnuplot >/dev/null 2>&1; then
     log "installing gnuplot-nox (for the chart)"

@@ -60,15 +60,9 @@ if [ -n "${KILN_SHIM_GROUPING+x}" ]; then
 fi
 
 # --- build -------------------------------------------------------------------------------------
-scripts/setup.sh
-if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
-    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-fi
-log "building Kiln (release)"
-cargo build --release -p kiln-shim
-images="$repo_root/target/test-images"
-scripts/build-test-images.sh >&2
-python3 scripts/make-busybox-image.py "$images/busybox.tar" >&2
+# shellcheck source=lib/build-for-run.sh
+. "$repo_root/scripts/lib/build-for-run.sh"
+build_for_run "$repo_root"
 
 # --- private containerd ------------------------------------------------------------------------
 workdir=$(mktemp -d /tmp/kiln-bench-tp.XXXXXX)
