@@ -233,14 +233,7 @@ impl Service {
         &self,
         req: &CreateTaskRequest,
         undo: &mut Undo,
-    ) -> Result<
-        (
-            Arc<Container>,
-            kiln_worker::protocol::WorkerReport,
-            tokio::sync::oneshot::Receiver<i32>,
-        ),
-        String,
-    > {
+    ) -> Result<(Arc<Container>, tokio::sync::oneshot::Receiver<i32>), String> {
         let t0 = Instant::now();
         let bundle = PathBuf::from(&req.bundle);
         if let Err(e) = crate::logging::add(&req.id, &bundle) {
@@ -348,7 +341,7 @@ impl Service {
             exited,
         });
         undo.pid = None;
-        Ok((container, report, spawned.exit))
+        Ok((container, spawned.exit))
     }
 }
 
@@ -392,7 +385,7 @@ impl Task for Service {
             ));
         }
         let mut undo = Undo::default();
-        let (container, _report, exit_rx) = match self.create_inner(&req, &mut undo).await {
+        let (container, exit_rx) = match self.create_inner(&req, &mut undo).await {
             Ok(c) => c,
             Err(e) => {
                 undo.run();
