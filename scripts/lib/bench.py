@@ -380,6 +380,17 @@ def keep_log(meta: dict) -> str | None:
     return dest
 
 
+def finish_report(meta: dict, report: dict, scan: dict) -> None:
+    """The common end of every report: the log scan, the shared-machine note, the JSON."""
+    print_log_scan(scan)
+    note = shared_note(report["host"])
+    if note:
+        print(note)
+    kept = keep_log(meta)
+    write_json(meta["out"], report)
+    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
+
+
 def print_log_scan(scan: dict) -> None:
     c = scan["counts"]
     per = "; ".join(f'{rt}: {v["error"]} errors, {v["warning"]} warnings'
@@ -453,13 +464,7 @@ def throughput_report(meta_path: str) -> None:
         if p["leftover_containers"]:
             print(f'{p["label"]} pass {p["pass"]}: {p["leftover_containers"]} containers were '
                   "left behind by `ctr run --rm` (removed)")
-    print_log_scan(scan)
-    note = shared_note(report["host"])
-    if note:
-        print(note)
-    kept = keep_log(meta)
-    write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
+    finish_report(meta, report, scan)
 
 
 # --- density -----------------------------------------------------------------------------------
@@ -590,13 +595,7 @@ def density_report(meta_path: str) -> None:
         if ph["leftover_processes_after_cleanup"]:
             print(f'{ph["label"]}: {ph["leftover_processes_after_cleanup"]} processes still '
                   "there after cleanup")
-    print_log_scan(scan)
-    note = shared_note(report["host"])
-    if note:
-        print(note)
-    kept = keep_log(meta)
-    write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
+    finish_report(meta, report, scan)
 
 
 def scale_report(meta_path: str) -> None:
@@ -670,13 +669,7 @@ def scale_report(meta_path: str) -> None:
         print("  no limit hit (no EMFILE/EAGAIN/ENOMEM/ENOSPC in the containerd log or ctr errors)")
     if ph["errors"]:
         print("  first failures: " + "; ".join(e[:200] for e in ph["errors"][:3]))
-    print_log_scan(scan)
-    note = shared_note(report["host"])
-    if note:
-        print(note)
-    kept = keep_log(meta)
-    write_json(meta["out"], report)
-    print(f'\nreport: {meta["out"]}' + (f"; containerd log: {kept}" if kept else ""))
+    finish_report(meta, report, scan)
 
 
 # --- cold-start chart --------------------------------------------------------------------------

@@ -198,12 +198,10 @@ fn collect<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<Vec<u8>>
     rx
 }
 
-/// Runs `cmd` (stdin /dev/null) with a deadline.
-pub fn run(mut cmd: Command, timeout: Duration) -> Output {
-    cmd.stdin(Stdio::null());
-    match Proc::spawn(cmd) {
-        Ok(p) => p.wait(timeout),
-        Err(e) => Output {
+impl Output {
+    /// The result of a command that could not even be started.
+    fn spawn_failed(e: &dyn std::fmt::Display) -> Output {
+        Output {
             cmd: e.to_string(),
             status: None,
             signal: None,
@@ -211,7 +209,16 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Output {
             stderr: e.to_string(),
             timed_out: false,
             elapsed: Duration::ZERO,
-        },
+        }
+    }
+}
+
+/// Runs `cmd` (stdin /dev/null) with a deadline.
+pub fn run(mut cmd: Command, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null());
+    match Proc::spawn(cmd) {
+        Ok(p) => p.wait(timeout),
+        Err(e) => Output::spawn_failed(&e),
     }
 }
 
@@ -236,15 +243,7 @@ pub fn run_with_tty(mut cmd: Command, timeout: Duration) -> Output {
     cmd.stdin(Stdio::from(slave));
     match Proc::spawn_keep(&mut cmd, Some(master)) {
         Ok(p) => p.wait(timeout),
-        Err(e) => Output {
-            cmd: e.to_string(),
-            status: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: e.to_string(),
-            timed_out: false,
-            elapsed: Duration::ZERO,
-        },
+        Err(e) => Output::spawn_failed(&e),
     }
 }
 
