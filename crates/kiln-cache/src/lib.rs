@@ -79,7 +79,13 @@ impl Cache {
     /// current user) could write to, is logged and caching is turned off.
     pub fn open(root: &Path, engine: &Engine) -> Cache {
         let dir = root.join(engine_dir_name(engine));
-        match prepare_dir(root).and_then(|()| prepare_dir(&dir)) {
+        // The parents (`/var/lib/kiln` on a fresh node) are ordinary directories; only the
+        // cache root itself and the engine directory get the root-only checks.
+        let parents = root.parent().map_or(Ok(()), fs::create_dir_all);
+        match parents
+            .and_then(|()| prepare_dir(root))
+            .and_then(|()| prepare_dir(&dir))
+        {
             Ok(()) => Cache { dir: Some(dir) },
             Err(e) => {
                 warn!(

@@ -123,3 +123,20 @@ fn an_open_directory_is_tightened_and_a_foreign_one_is_refused() {
         assert_eq!(outcome, Outcome::Uncached);
     }
 }
+
+#[test]
+fn creates_missing_parents_of_the_root() {
+    // A fresh node has no /var/lib/kiln: the cache must still work from the first start.
+    let base = tempfile::tempdir().expect("tempdir");
+    let root = base.path().join("var/lib/kiln/cache");
+    let engine = engine();
+    let wasm = wat::parse_str(WAT).expect("wat");
+    let cache = Cache::open(&root, &engine);
+    assert!(cache.dir().is_some(), "caching must be on");
+    let (_, outcome) = cache.load_bytes(&engine, &wasm).expect("load");
+    assert_eq!(outcome, Outcome::Miss);
+    let (_, outcome) = cache.load_bytes(&engine, &wasm).expect("load");
+    assert_eq!(outcome, Outcome::Hit);
+    let mode = fs::metadata(&root).expect("root").mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
