@@ -42,9 +42,23 @@ impl Router {
 
 struct Logger;
 
+/// The most a dependency may log. containerd passes `-debug` to every shim when it runs at
+/// debug level; Cranelift then logs every pass of every function it compiles (thousands of
+/// lines for a small module, and tens of milliseconds spent formatting them), which buries
+/// Kiln's own phase timings.
+const DEPENDENCY_MAX: LevelFilter = LevelFilter::Info;
+
+fn level_for(target: &str) -> LevelFilter {
+    if target.starts_with("kiln") {
+        log::max_level()
+    } else {
+        log::max_level().min(DEPENDENCY_MAX)
+    }
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.level() <= level_for(metadata.target())
     }
 
     fn log(&self, record: &Record) {
@@ -111,4 +125,37 @@ fn open_pipe(path: &Path) -> std::io::Result<FifoLogger> {
     // block; it is opened write-only as containerd expects.
     let f = OpenOptions::new().write(true).open(path)?;
     Ok(FifoLogger::with_file(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dependencies_are_capped_at_info_kiln_is_not() {
+        log::set_max_level(LevelFilter::Debug);
+        let debug = |target| {
+            Logger.enabled(
+                &Metadata::builder()
+                    .level(log::Level::Debug)
+                    .target(target)
+                    .build(),
+            )
+        };
+        let info = |target| {
+            Logger.enabled(
+                &Metadata::builder()
+                    .level(log::Level::Info)
+                    .target(target)
+                    .build(),
+            )
+        };
+        assert!(debug("kiln_worker::run"));
+        assert!(debug("kiln_shim::service"));
+        assert!(!debug("cranelift_codegen::timing"));
+        assert!(!debug("wasmtime::runtime"));
+        assert!(info("wasmtime::runtime"));
+        log::set_max_level(LevelFilter::Info);
+        assert!(!debug("kiln_worker::run"));
+    }
 }
