@@ -161,6 +161,25 @@ impl Layout {
         Ok(self)
     }
 
+    /// The `cgroup.procs` file of the caller's own cgroup in one hierarchy that Kiln manages
+    /// (v1: the first with `memory`, `cpu`, `cpuacct` or `pids`; v2: the unified one).
+    ///
+    /// Writing `0` there moves the writer to where it already is. The kernel still takes the
+    /// global lock that every cgroup migration takes (`cgroup_threadgroup_rwsem`), and the
+    /// first writer after a quiet period waits a whole RCU grace period for it (5–15 ms on our
+    /// nodes); a migration that starts while that wait is in progress, or shortly after it,
+    /// does not wait again. The shim uses this to start the grace period for a container's
+    /// worker long before the worker exists.
+    pub fn own_procs_file(&self) -> Option<PathBuf> {
+        let h = match self {
+            Layout::V1 { hierarchies } => hierarchies
+                .iter()
+                .find(|h| V1_CONTROLLERS.iter().any(|c| h.has(c)))?,
+            Layout::V2 { unified } => unified,
+        };
+        Some(h.mount_point.join(&h.own).join("cgroup.procs"))
+    }
+
     /// 1 or 2.
     pub fn version(&self) -> u8 {
         match self {
@@ -432,6 +451,38 @@ mod tests {
         assert_eq!(memory.own, Path::new("process_api/3cd"));
         let cpu = hierarchies.iter().find(|h| h.has("cpu")).unwrap();
         assert_eq!(cpu.own, Path::new(""));
+    }
+
+    #[test]
+    fn own_procs_file_is_in_a_managed_hierarchy() {
+        let layout = Layout::from_mountinfo(HYBRID)
+            .unwrap()
+            .with_own_cgroups("9:name=systemd:/\n4:memory:/process_api/3cd\n1:cpu:/k\n0::/\n")
+            .unwrap();
+        // cpu comes first in mountinfo; cpuset and name=systemd are never chosen.
+        assert_eq!(
+            layout.own_procs_file().unwrap(),
+            Path::new("/sys/fs/cgroup/cpu/k/cgroup.procs")
+        );
+        let text = "34 31 0:31 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n\
+                    35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let layout = Layout::from_mountinfo(text)
+            .unwrap()
+            .with_own_cgroups("3:cpuset:/\n4:memory:/m\n")
+            .unwrap();
+        assert_eq!(
+            layout.own_procs_file().unwrap(),
+            Path::new("/sys/fs/cgroup/memory/m/cgroup.procs")
+        );
+        let text = "31 23 0:27 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let layout = Layout::from_mountinfo(text)
+            .unwrap()
+            .with_own_cgroups("0::/docker/abc/init\n")
+            .unwrap();
+        assert_eq!(
+            layout.own_procs_file().unwrap(),
+            Path::new("/sys/fs/cgroup/init/cgroup.procs")
+        );
     }
 
     #[test]

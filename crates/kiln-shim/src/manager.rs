@@ -4,6 +4,7 @@
 //! fork+exec, a pipe and a file write need no executor.
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,6 +22,7 @@ use crate::service::now_timestamp;
 /// The reply is the bare socket address. containerd 1.6 and 1.7 only understand that; 2.x
 /// takes a bare address as a v2 shim, and Kiln serves the Task API under both names.
 pub fn start(flags: &Flags) -> Result<()> {
+    let primer = prime_cgroup_migration();
     // containerd passes runtime options on stdin; Kiln has none, but the pipe must be drained
     // so containerd's writer does not block.
     let mut sink = Vec::new();
@@ -42,6 +44,7 @@ pub fn start(flags: &Flags) -> Result<()> {
         // A server for this group is already running: share it.
         group::touch_lease(&address);
         std::fs::write("address", &address).context("write the address file")?;
+        reap(primer);
         return reply(&address);
     }
 
@@ -92,7 +95,64 @@ pub fn start(flags: &Flags) -> Result<()> {
         group::touch_lease(&address);
     }
     std::fs::write("address", &address).context("write the address file")?;
+    reap(primer);
     reply(&address)
+}
+
+/// The environment variable that turns the cgroup migration primer off (`0`), for A/B
+/// measurements.
+const PRIME_ENV: &str = "KILN_CGROUP_PRIME";
+
+/// Starts the RCU grace period that the container's worker would otherwise wait for when it
+/// joins its cgroup, 5–15 ms before the worker exists.
+///
+/// Every cgroup migration takes the kernel's global `cgroup_threadgroup_rwsem` for writing, and
+/// the first writer after a quiet period waits a full RCU grace period for it; one that comes
+/// while that wait is in progress, or within about a grace period after it, does not (see
+/// [`kiln_cgroups::Layout::own_procs_file`]). That wait was the largest single item of a warm
+/// container start on cgroup v1. `start` is the first moment the shim knows a container is
+/// coming, and the worker joins its cgroup some 10 ms later, after the server has started and
+/// containerd has sent Create; so a child forked here moves itself to the cgroup it is already
+/// in, and the worker's own migration then finds the lock's grace period already under way or
+/// done. The child is a separate process so that neither `start` nor containerd, which waits
+/// for `start` to exit, ever waits for the grace period; its stdio is closed at once so that
+/// containerd's read of `start`'s output does not wait for it either.
+///
+/// Best effort: any failure only means the worker waits as it would have anyway.
+fn prime_cgroup_migration() -> Option<nix::unistd::Pid> {
+    if std::env::var_os(PRIME_ENV).is_some_and(|v| v == "0") {
+        return None;
+    }
+    let procs = kiln_cgroups::Layout::detect().ok()?.own_procs_file()?;
+    let procs = std::ffi::CString::new(procs.into_os_string().into_vec()).ok()?;
+    spawn_primer(&procs)
+}
+
+/// Forks a child that writes `0` (itself) to `procs` and exits.
+fn spawn_primer(procs: &std::ffi::CStr) -> Option<nix::unistd::Pid> {
+    // SAFETY: the child only calls async-signal-safe functions (close, open, write, _exit) and
+    // never returns, so it is sound even if the parent had threads (`start` has none).
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => unsafe {
+            for fd in 0..=2 {
+                libc::close(fd);
+            }
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
+            libc::_exit(0)
+        },
+        Ok(nix::unistd::ForkResult::Parent { child }) => Some(child),
+        Err(_) => None,
+    }
+}
+
+/// Collects the primer if it has finished; if not, it is reparented and reaped by init.
+fn reap(primer: Option<nix::unistd::Pid>) {
+    if let Some(pid) = primer {
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    }
 }
 
 fn reply(address: &str) -> Result<()> {
@@ -145,4 +205,21 @@ pub fn cleanup_bundle(bundle: &Path, namespace: &str, id: &str) {
         }
     }
     crate::service::unmount_rootfs(&bundle.join("rootfs"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_primer_writes_itself_to_the_procs_file_and_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let procs = dir.path().join("cgroup.procs");
+        std::fs::write(&procs, "").expect("create");
+        let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
+        let pid = spawn_primer(&path).expect("fork");
+        let status = nix::sys::wait::waitpid(pid, None).expect("wait");
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+        assert_eq!(std::fs::read_to_string(&procs).expect("read"), "0");
+    }
 }
