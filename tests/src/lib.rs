@@ -14,8 +14,12 @@
 //!   with `scripts/build-test-images.sh DIR` when missing);
 //! * `CONTAINERD_LOG_LEVEL=debug`: a more talkative containerd (and shim) log;
 //! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging.
+//!
+//! [`probe`] is the `kiln-probe` binary's code (a gRPC cold-start probe, see
+//! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
 
 pub mod oci;
+pub mod probe;
 pub mod process;
 
 use std::cell::RefCell;
