@@ -123,7 +123,14 @@ fn prime_cgroup_migration() -> Option<nix::unistd::Pid> {
     if std::env::var_os(PRIME_ENV).is_some_and(|v| v == "0") {
         return None;
     }
-    let procs = kiln_cgroups::Layout::detect().ok()?.own_procs_file()?;
+    let layout = kiln_cgroups::Layout::detect().ok()?;
+    if layout.version() == 2 {
+        // On v2 the zygote clones the worker straight into its cgroup and nothing waits for
+        // the grace period; a primer would only hold cgroup_mutex, which that clone and the
+        // cgroup's mkdir both need, for the length of one.
+        return None;
+    }
+    let procs = layout.own_procs_file()?;
     let procs = std::ffi::CString::new(procs.into_os_string().into_vec()).ok()?;
     spawn_primer(&procs)
 }

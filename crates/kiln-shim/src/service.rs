@@ -302,6 +302,9 @@ impl Service {
                 .iter()
                 .map(|d| d.join("cgroup.procs"))
                 .collect(),
+            clone_into: (cgroup.version() == 2)
+                .then(|| cgroup.dirs().into_iter().next())
+                .flatten(),
             cache_root: self.cache_root.clone(),
             log_path: Some(bundle.join("log")),
         };

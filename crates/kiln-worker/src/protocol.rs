@@ -40,6 +40,11 @@ pub struct SpawnRequest {
     pub stdio: Stdio,
     /// `cgroup.procs` files the worker writes its pid to before anything else.
     pub cgroup_procs: Vec<PathBuf>,
+    /// On cgroup v2: the container's cgroup directory, which the zygote forks the worker
+    /// straight into (`clone3` with `CLONE_INTO_CGROUP`). When that works, the worker skips
+    /// `cgroup_procs`; on a kernel without it (before 5.7), the worker writes them as on v1.
+    #[serde(default)]
+    pub clone_into: Option<PathBuf>,
     /// The compile cache root.
     pub cache_root: PathBuf,
     /// The container's log pipe (containerd's `log` FIFO in its bundle), if any.

@@ -1,7 +1,8 @@
 //! The worker: one process per container, forked by the zygote.
 //!
 //! Setup happens at Create, in the order the kernel needs: join the cgroup first (so
-//! everything after, compile included, is accounted to the container), bind stdio, load the
+//! everything after, compile included, is accounted to the container; on cgroup v2 the zygote
+//! has already cloned the worker into it, and there is nothing to join), bind stdio, load the
 //! module (as root, while the host's cache directory is still reachable), open the preopened
 //! directories, then join namespaces and drop to the container's user. The worker then tells
 //! the shim it is ready and waits: guest code runs only after containerd's Start, as with
