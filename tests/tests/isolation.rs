@@ -174,3 +174,62 @@ fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
         }
     }
 }
+
+/// A copy of the sleeper with a custom section that makes its bytes (and so its cache key)
+/// unique to this test binary, imported once: its first run is a guaranteed cache miss.
+fn uncached_sleeper(k: &'static Kiln) -> String {
+    let reference = "docker.io/kiln-test/sleep-uncached:latest".to_string();
+    let mut wasm = std::fs::read(k.wasm("sleep")).expect("read module");
+    let payload = format!("{}-{}", std::process::id(), k.dir.display());
+    let name = b"kiln-test";
+    let size = 1 + name.len() + payload.len();
+    assert!(size < 128, "one-byte LEB128 section size");
+    wasm.extend_from_slice(&[0, size as u8, name.len() as u8]);
+    wasm.extend_from_slice(name);
+    wasm.extend_from_slice(payload.as_bytes());
+    let img = Image::single_file(&reference, "/sleep.wasm", wasm);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tar = dir.path().join("img.tar");
+    std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
+    let out = k.import(&tar);
+    assert!(out.success(), "import {reference}:\n{out}");
+    reference
+}
+
+#[test]
+fn a_worker_that_compiled_keeps_no_compiler_threads() {
+    // The compilation of a cache miss runs in a child of the worker, so the worker keeps
+    // neither Cranelift's heap nor the parallel compiler's thread pool: once running, a worker
+    // that compiled looks like one that mapped the cached artifact.
+    let k = kiln();
+    let reference = uncached_sleeper(k);
+    let miss = k.container("compiled-miss");
+    let miss_pid = start_image(&miss, &reference, &[]);
+    let hit = k.container("compiled-hit");
+    let hit_pid = start_image(&hit, &reference, &[]);
+    let threads = |pid| status_field(pid, "Threads");
+    let rss_kib = |pid| {
+        status_field(pid, "VmRSS")
+            .trim_end_matches(" kB")
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let (miss_threads, hit_threads) = (threads(miss_pid), threads(hit_pid));
+    let (miss_rss, hit_rss) = (rss_kib(miss_pid), rss_kib(hit_pid));
+    stop(&miss);
+    stop(&hit);
+    assert!(
+        !hit_threads.is_empty(),
+        "no status for the worker {hit_pid}"
+    );
+    assert_eq!(
+        miss_threads, hit_threads,
+        "threads of the worker that compiled vs the one that mapped the artifact"
+    );
+    // Cranelift leaves megabytes behind in the process that compiled; a worker that compiled in
+    // a child is within a couple of MiB of one that did not.
+    assert!(
+        miss_rss < hit_rss + 2048,
+        "worker that compiled: {miss_rss} KiB RSS, worker that mapped: {hit_rss} KiB"
+    );
+}

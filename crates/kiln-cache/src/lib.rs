@@ -48,6 +48,9 @@ pub enum CacheError {
     /// Wasmtime rejected the module (corrupt, truncated, unsupported feature...).
     #[error("invalid WebAssembly module: {0:#}")]
     Compile(wasmtime::Error),
+    /// The process that compiles the module failed for another reason than the module.
+    #[error("compiler process: {0}")]
+    Compiler(String),
     /// A freshly written artifact could not be loaded back.
     #[error("cannot load compiled module: {0:#}")]
     Load(wasmtime::Error),
@@ -109,11 +112,24 @@ impl Cache {
 
     /// Loads the module at `path`, from the cache when possible.
     pub fn load_file(&self, engine: &Engine, path: &Path) -> Result<(Module, Outcome), CacheError> {
+        self.load_file_with(engine, path, |engine, wasm| {
+            engine.precompile_module(wasm).map_err(CacheError::Compile)
+        })
+    }
+
+    /// [`Cache::load_file`] with the compilation done by `compile` (see
+    /// [`Cache::load_bytes_with`]).
+    pub fn load_file_with(
+        &self,
+        engine: &Engine,
+        path: &Path,
+        compile: impl FnOnce(&Engine, &[u8]) -> Result<Vec<u8>, CacheError>,
+    ) -> Result<(Module, Outcome), CacheError> {
         let bytes = fs::read(path).map_err(|source| CacheError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        self.load_bytes(engine, &bytes)
+        self.load_bytes_with(engine, &bytes, compile)
     }
 
     /// Loads a module from its bytes, from the cache when possible.
@@ -122,9 +138,25 @@ impl Cache {
         engine: &Engine,
         wasm: &[u8],
     ) -> Result<(Module, Outcome), CacheError> {
+        self.load_bytes_with(engine, wasm, |engine, wasm| {
+            engine.precompile_module(wasm).map_err(CacheError::Compile)
+        })
+    }
+
+    /// Like [`Cache::load_bytes`], with the compilation on a miss done by `compile`, which
+    /// must return what [`Engine::precompile_module`] would. The worker uses it to compile in
+    /// a short-lived child process, so that Cranelift's memory and threads leave with it.
+    pub fn load_bytes_with(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+        compile: impl FnOnce(&Engine, &[u8]) -> Result<Vec<u8>, CacheError>,
+    ) -> Result<(Module, Outcome), CacheError> {
         let Some(dir) = &self.dir else {
-            let module = Module::from_binary(engine, wasm).map_err(CacheError::Compile)?;
-            return Ok((module, Outcome::Uncached));
+            let compiled = compile(engine, wasm)?;
+            // SAFETY: `compile` returns this engine's `precompile_module` output (its contract).
+            let m = unsafe { Module::deserialize(engine, &compiled) }.map_err(CacheError::Load)?;
+            return Ok((m, Outcome::Uncached));
         };
         let key = hex::encode(Sha256::digest(wasm));
         let artifact = dir.join(format!("{key}.{ARTIFACT_EXT}"));
@@ -155,9 +187,7 @@ impl Cache {
         }
 
         let started = Instant::now();
-        let compiled = engine
-            .precompile_module(wasm)
-            .map_err(CacheError::Compile)?;
+        let compiled = compile(engine, wasm)?;
         info!(
             "compiled module {key} ({} bytes) in {:?}",
             wasm.len(),

@@ -14,6 +14,7 @@
 //! Process tree: shim → zygote → worker (one per container). The zygote reaps its workers and
 //! reports every exit to the shim, in order after the spawn reply for that pid.
 
+mod compile;
 pub mod engine;
 pub mod protocol;
 mod run;

@@ -82,7 +82,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
     let started = Instant::now();
     let cache = kiln_cache::Cache::open(&req.cache_root, engine);
     let (module, outcome) = cache
-        .load_file(engine, &plan.module_path)
+        .load_file_with(engine, &plan.module_path, crate::compile::in_child)
         .map_err(|e| describe_load_error(plan, e))?;
     let load_us = started.elapsed().as_micros() as u64;
     debug!(

@@ -3,8 +3,9 @@
 //!
 //! It holds the Wasmtime [`Engine`](wasmtime::Engine) (created once, inherited by every worker
 //! through fork), so a worker starts with the engine, the signal handlers and the code of the
-//! whole runtime already in memory. It must stay single-threaded: it never compiles (that is
-//! the worker's job; Cranelift's parallel compilation starts threads) and never enters an
+//! whole runtime already in memory. It must stay single-threaded: it never compiles (a cache
+//! miss is compiled by a short-lived child of the worker; Cranelift's parallel compilation
+//! starts threads) and never enters an
 //! async runtime. [`fork_zygote`] refuses to run in a process that already has threads, and
 //! the zygote checks itself again after creating the engine.
 
