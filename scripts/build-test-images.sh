@@ -19,7 +19,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 outdir="${1:-$repo_root/target/test-images}"
 jobs="${CARGO_BUILD_JOBS:-1}"
 target=wasm32-wasip1
-workloads=(hello printargs fileio exitcode trap sleep memgrow)
+workloads=(hello printargs fileio exitcode trap sleep memgrow big)
 
 log() { printf '==> %s\n' "$*" >&2; }
 
