@@ -22,6 +22,7 @@ pub mod oci;
 pub mod probe;
 pub mod process;
 
+use sha2::Digest as _;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -400,6 +401,38 @@ impl Kiln {
     /// A test workload's module file.
     pub fn wasm(&self, name: &str) -> PathBuf {
         self.images_dir.join(format!("{name}.wasm"))
+    }
+
+    /// Imports a copy of workload `name` whose bytes (and so compile-cache key) are unique to
+    /// this test binary run and `tag`: a custom section is appended. Its first run is a
+    /// guaranteed cache miss. Returns the image reference and the module's cache key.
+    pub fn import_unique(&self, name: &str, tag: &str) -> (String, String) {
+        let reference = format!("docker.io/kiln-test/{name}-{tag}:latest");
+        let mut wasm = std::fs::read(self.wasm(name)).expect("read module");
+        let payload = format!("{tag}-{}-{}", std::process::id(), self.dir.display());
+        let section = b"kiln-test";
+        let size = 1 + section.len() + payload.len();
+        assert!(size < 128, "one-byte LEB128 section size");
+        wasm.extend_from_slice(&[0, size as u8, section.len() as u8]);
+        wasm.extend_from_slice(section);
+        wasm.extend_from_slice(payload.as_bytes());
+        let key = hex::encode(sha2::Sha256::digest(&wasm));
+        let img = oci::Image::single_file(&reference, &format!("/{name}.wasm"), wasm);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tar = dir.path().join("img.tar");
+        std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
+        let out = self.import(&tar);
+        assert!(out.success(), "import {reference}:\n{out}");
+        (reference, key)
+    }
+
+    /// The compile cache's artifact for the module with cache key `key`, if it is there.
+    pub fn cached_artifact(&self, key: &str) -> Option<PathBuf> {
+        std::fs::read_dir(self.dir.join("cache"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join(format!("{key}.cwasm")))
+            .find(|p| p.is_file() && p.with_extension("sum").is_file())
     }
 
     /// `ctr task ls`, parsed.

@@ -1,7 +1,6 @@
 //! What the worker becomes before guest code runs: the container's user, no new privileges,
 //! the namespaces the spec names by path; and the compile cache it loads the module from.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_e2e::oci::Image;
@@ -127,13 +126,7 @@ fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
     let k = kiln();
     let wasm = std::fs::read(k.wasm("exitcode")).expect("exitcode.wasm");
     let key = hex::encode(Sha256::digest(&wasm));
-    let find = || -> Option<PathBuf> {
-        std::fs::read_dir(k.dir.join("cache"))
-            .ok()?
-            .flatten()
-            .map(|e| e.path().join(format!("{key}.cwasm")))
-            .find(|p| p.is_file())
-    };
+    let find = || k.cached_artifact(&key);
     for (i, code) in ["7", "8"].iter().enumerate() {
         let c = k.container(&format!("cache-{i}"));
         let out = c
@@ -142,7 +135,10 @@ fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
             .output();
         assert_eq!(out.code().to_string(), *code, "{out}");
         if i == 0 {
-            let artifact = find().expect("the compiled module is in the cache after a run");
+            // The first start ran the baseline compiler's code; the optimized artifact is
+            // written by a background compile that may end a little after the container.
+            let artifact = kiln_e2e::wait_until(Duration::from_secs(120), find)
+                .expect("the compiled module is in the cache after a run");
             let meta = std::fs::metadata(&artifact).expect("meta");
             // Only root may write the cache.
             let dir_mode = std::os::unix::fs::PermissionsExt::mode(
@@ -175,34 +171,13 @@ fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
     }
 }
 
-/// A copy of the sleeper with a custom section that makes its bytes (and so its cache key)
-/// unique to this test binary, imported once: its first run is a guaranteed cache miss.
-fn uncached_sleeper(k: &'static Kiln) -> String {
-    let reference = "docker.io/kiln-test/sleep-uncached:latest".to_string();
-    let mut wasm = std::fs::read(k.wasm("sleep")).expect("read module");
-    let payload = format!("{}-{}", std::process::id(), k.dir.display());
-    let name = b"kiln-test";
-    let size = 1 + name.len() + payload.len();
-    assert!(size < 128, "one-byte LEB128 section size");
-    wasm.extend_from_slice(&[0, size as u8, name.len() as u8]);
-    wasm.extend_from_slice(name);
-    wasm.extend_from_slice(payload.as_bytes());
-    let img = Image::single_file(&reference, "/sleep.wasm", wasm);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tar = dir.path().join("img.tar");
-    std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
-    let out = k.import(&tar);
-    assert!(out.success(), "import {reference}:\n{out}");
-    reference
-}
-
 #[test]
 fn a_worker_that_compiled_keeps_no_compiler_threads() {
     // The compilation of a cache miss runs in a child of the worker, so the worker keeps
     // neither Cranelift's heap nor the parallel compiler's thread pool: once running, a worker
     // that compiled looks like one that mapped the cached artifact.
     let k = kiln();
-    let reference = uncached_sleeper(k);
+    let (reference, _) = k.import_unique("sleep", "uncached");
     let miss = k.container("compiled-miss");
     let miss_pid = start_image(&miss, &reference, &[]);
     let hit = k.container("compiled-hit");

@@ -21,6 +21,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -67,6 +68,9 @@ pub enum Outcome {
     Replaced,
     /// Caching is off (no usable directory): compiled in memory.
     Uncached,
+    /// No artifact: compiled by the fast baseline compiler for this start only, while the
+    /// optimizing compile fills the cache in the background (decided by the caller).
+    Baseline,
 }
 
 /// A cache directory bound to one engine configuration.
@@ -108,6 +112,71 @@ impl Cache {
     /// The directory artifacts for this engine live in, if caching is on.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
+    }
+
+    /// The cache key of a module: the sha256 of its bytes, in hex.
+    pub fn key(wasm: &[u8]) -> String {
+        hex::encode(Sha256::digest(wasm))
+    }
+
+    /// The module's artifact if the cache holds a valid one; `None` (after logging why, for a
+    /// bad entry) otherwise, or when caching is off.
+    pub fn lookup(&self, engine: &Engine, wasm: &[u8]) -> Option<Module> {
+        let dir = self.dir.as_ref()?;
+        let key = Cache::key(wasm);
+        let artifact = dir.join(format!("{key}.{ARTIFACT_EXT}"));
+        let sum = dir.join(format!("{key}.{SUM_EXT}"));
+        match verify(&artifact, &sum) {
+            // SAFETY: as in `load_bytes_with`: written by this engine configuration's
+            // `precompile_module` into a root-only directory, and its checksum matches.
+            Ok(true) => match unsafe { Module::deserialize_file(engine, &artifact) } {
+                Ok(m) => {
+                    debug!("compile cache hit {key}");
+                    Some(m)
+                }
+                Err(e) => {
+                    warn!("compile cache entry {key} rejected by wasmtime: {e:#}");
+                    None
+                }
+            },
+            Ok(false) => None,
+            Err(reason) => {
+                warn!("compile cache entry {key} is corrupt ({reason})");
+                None
+            }
+        }
+    }
+
+    /// Stores `artifact`, the output of `precompile_module` for `wasm` by this cache's engine
+    /// configuration. Does nothing when caching is off.
+    pub fn store_artifact(&self, wasm: &[u8], artifact: &[u8]) -> std::io::Result<()> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let key = Cache::key(wasm);
+        store(
+            &dir.join(format!("{key}.{ARTIFACT_EXT}")),
+            &dir.join(format!("{key}.{SUM_EXT}")),
+            artifact,
+        )
+    }
+
+    /// Takes the lock that says "this module is being compiled into the cache", if no one
+    /// holds it: a burst of starts of a new module then compiles it once, not once per
+    /// container. Released when the returned file is closed (or its process ends).
+    pub fn try_lock_fill(&self, wasm: &[u8]) -> Option<File> {
+        let dir = self.dir.as_ref()?;
+        let lock = dir.join(format!("{}.fill", Cache::key(wasm)));
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(lock)
+            .ok()?;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        (rc == 0).then_some(f)
     }
 
     /// Loads the module at `path`, from the cache when possible.
@@ -270,8 +339,11 @@ fn verify(artifact: &Path, sum: &Path) -> Result<bool, String> {
 /// Writes artifact then checksum, each atomically (temp file, fsync-free rename: a crash can
 /// only lose an entry, never expose half of one, since `verify` needs both to agree).
 fn store(artifact: &Path, sum: &Path, compiled: &[u8]) -> std::io::Result<()> {
-    write_atomic(artifact, compiled)?;
-    write_atomic(sum, checksum(compiled).as_bytes())
+    // The checksum first: a reader that comes between the two renames then finds no artifact
+    // (a plain miss) rather than an artifact without its checksum (which it must treat as
+    // corrupt and replace).
+    write_atomic(sum, checksum(compiled).as_bytes())?;
+    write_atomic(artifact, compiled)
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

@@ -171,13 +171,22 @@ impl Layout {
     /// does not wait again. The shim uses this to start the grace period for a container's
     /// worker long before the worker exists.
     pub fn own_procs_file(&self) -> Option<PathBuf> {
-        let h = match self {
+        self.own_procs_files().into_iter().next()
+    }
+
+    /// The `cgroup.procs` files of the caller's own cgroups in every hierarchy Kiln manages
+    /// (the ones a container's cgroup is created in): writing a pid to each of them moves that
+    /// process back to where the caller is, out of any container's cgroup.
+    pub fn own_procs_files(&self) -> Vec<PathBuf> {
+        let procs = |h: &Hierarchy| h.mount_point.join(&h.own).join("cgroup.procs");
+        match self {
             Layout::V1 { hierarchies } => hierarchies
                 .iter()
-                .find(|h| V1_CONTROLLERS.iter().any(|c| h.has(c)))?,
-            Layout::V2 { unified } => unified,
-        };
-        Some(h.mount_point.join(&h.own).join("cgroup.procs"))
+                .filter(|h| V1_CONTROLLERS.iter().any(|c| h.has(c)))
+                .map(procs)
+                .collect(),
+            Layout::V2 { unified } => vec![procs(unified)],
+        }
     }
 
     /// 1 or 2.
@@ -463,6 +472,16 @@ mod tests {
         assert_eq!(
             layout.own_procs_file().unwrap(),
             Path::new("/sys/fs/cgroup/cpu/k/cgroup.procs")
+        );
+        assert_eq!(
+            layout.own_procs_files(),
+            [
+                "/sys/fs/cgroup/cpu/k/cgroup.procs",
+                "/sys/fs/cgroup/cpuacct/cgroup.procs",
+                "/sys/fs/cgroup/memory/process_api/3cd/cgroup.procs",
+                "/sys/fs/cgroup/pids/cgroup.procs",
+            ]
+            .map(PathBuf::from)
         );
         let text = "34 31 0:31 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n\
                     35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";

@@ -305,6 +305,7 @@ impl Service {
             clone_into: (cgroup.version() == 2)
                 .then(|| cgroup.dirs().into_iter().next())
                 .flatten(),
+            home_cgroup_procs: layout.own_procs_files(),
             cache_root: self.cache_root.clone(),
             log_path: Some(bundle.join("log")),
         };

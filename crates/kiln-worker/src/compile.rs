@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 
 use kiln_cache::CacheError;
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -40,11 +41,10 @@ pub fn in_child(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, CacheError> {
             let mut out = File::from(write_end);
             let code = match engine.precompile_module(wasm) {
                 Ok(artifact) => {
-                    let mut head = vec![ARTIFACT];
-                    head.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
-                    match out.write_all(&head).and_then(|()| out.write_all(&artifact)) {
-                        Ok(()) => 0,
-                        Err(_) => 3,
+                    if send_artifact(&mut out, &artifact) {
+                        0
+                    } else {
+                        3
                     }
                 }
                 Err(e) => {
@@ -69,15 +69,35 @@ pub fn in_child(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, CacheError> {
 }
 
 fn decode(
-    mut msg: Vec<u8>,
+    msg: Vec<u8>,
     read_ok: bool,
     status: nix::Result<WaitStatus>,
 ) -> Result<Vec<u8>, CacheError> {
     match (msg.first().copied(), status) {
-        (Some(REJECTED), _) => Err(CacheError::Compile(wasmtime::Error::msg(
+        (Some(REJECTED), _) => parse(msg),
+        (Some(ARTIFACT), Ok(WaitStatus::Exited(_, 0))) if read_ok => parse(msg),
+        (_, Ok(WaitStatus::Signaled(_, sig, _))) => Err(CacheError::Compiler(format!(
+            "killed by {sig}{}",
+            if sig == nix::sys::signal::Signal::SIGKILL {
+                " (out of memory within the container's memory limit?)"
+            } else {
+                ""
+            }
+        ))),
+        (_, status) => Err(CacheError::Compiler(format!(
+            "ended without an artifact ({status:?})"
+        ))),
+    }
+}
+
+/// A child's whole message: the artifact, once its announced length has all arrived, or the
+/// compiler's reason for refusing the module.
+fn parse(mut msg: Vec<u8>) -> Result<Vec<u8>, CacheError> {
+    match msg.first().copied() {
+        Some(REJECTED) => Err(CacheError::Compile(wasmtime::Error::msg(
             String::from_utf8_lossy(&msg[1..]).into_owned(),
         ))),
-        (Some(ARTIFACT), Ok(WaitStatus::Exited(_, 0))) if read_ok && msg.len() >= 9 => {
+        Some(ARTIFACT) if msg.len() >= 9 => {
             let mut len = [0u8; 8];
             len.copy_from_slice(&msg[1..9]);
             let len = u64::from_le_bytes(len);
@@ -90,17 +110,166 @@ fn decode(
             msg.drain(..9);
             Ok(msg)
         }
-        (_, Ok(WaitStatus::Signaled(_, sig, _))) => Err(CacheError::Compiler(format!(
-            "killed by {sig}{}",
-            if sig == nix::sys::signal::Signal::SIGKILL {
-                " (out of memory within the container's memory limit?)"
-            } else {
-                ""
-            }
-        ))),
-        (_, status) => Err(CacheError::Compiler(format!(
-            "ended without an artifact ({status:?})"
-        ))),
+        _ => Err(CacheError::Compiler("sent nothing".to_string())),
+    }
+}
+
+/// What a first start with the baseline compiler needs besides the module.
+pub struct Baseline<'a> {
+    /// The optimizing engine, whose artifact goes into the cache.
+    pub engine: &'a Engine,
+    /// The cache to fill.
+    pub cache: &'a kiln_cache::Cache,
+    /// The `cgroup.procs` files of the shim's own cgroups, where the background compile moves
+    /// to once the container's own work is done.
+    pub home_cgroup_procs: &'a [std::path::PathBuf],
+}
+
+/// A first start of a module that is not in the cache: compiles it with the baseline engine
+/// in a child and returns that module; meanwhile a second child leaves the container's cgroup,
+/// compiles the module with the optimizing engine at low priority and stores it in the cache,
+/// so the next start maps it.
+///
+/// The baseline compile is the container's work and is accounted to it; the cache fill is the
+/// node's (every later start of the module on the node profits), and it must outlive a
+/// container that exits before the fill is done (a short job would otherwise never get its
+/// module cached), so it runs in the shim's cgroup, like an image pull runs in containerd's.
+/// The worker does not start the guest before the fill has left the container's cgroup: a
+/// guest that exits at once would otherwise have its cgroup, fill included, killed by Delete.
+/// A concurrent first start of the same module finds the fill lock held and skips the fill.
+///
+/// `None` when the baseline path is not possible (a worker with threads, the baseline engine
+/// or compiler refusing the module); the caller then compiles the usual way, which also gives
+/// the error message for an invalid module.
+pub fn baseline_first_start(b: &Baseline<'_>, wasm: &[u8]) -> Option<wasmtime::Module> {
+    if crate::zygote::thread_count() != 1 {
+        return None;
+    }
+    let baseline = match crate::engine::new_baseline_engine() {
+        Ok(e) => e,
+        Err(e) => {
+            log::warn!("baseline compiler unavailable: {e:#}");
+            return None;
+        }
+    };
+    let (fill_read, fill_write) = pipe().ok()?;
+    // SAFETY: the worker is single-threaded (checked above), so the child is a complete copy.
+    let filler = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(fill_read);
+            let code = fill_cache(b, wasm, File::from(fill_write));
+            // SAFETY: leaving the forked child without the worker's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(_) => return None,
+    };
+    drop(fill_write);
+    let (read_end, write_end) = pipe().ok()?;
+    // SAFETY: still single-threaded: the filler is a separate process.
+    let compiled = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(read_end);
+            drop(fill_read);
+            // SAFETY: prctl with integer arguments: the baseline compile is part of this
+            // worker's start and dies with it.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let mut out = File::from(write_end);
+            let code = match baseline.precompile_module(wasm) {
+                Ok(artifact) if send_artifact(&mut out, &artifact) => 0,
+                Ok(_) => 3,
+                Err(e) => {
+                    let mut msg = vec![REJECTED];
+                    msg.extend_from_slice(format!("{e:#}").as_bytes());
+                    let _ = out.write_all(&msg);
+                    2
+                }
+            };
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(write_end);
+            let mut msg = Vec::new();
+            let read = File::from(read_end).read_to_end(&mut msg);
+            decode(msg, read.is_ok(), waitpid(child, None))
+        }
+        Err(e) => Err(CacheError::Compiler(format!("fork: {e}"))),
+    };
+    let artifact = match compiled {
+        Ok(a) => a,
+        Err(e) => {
+            log::info!("the baseline compiler did not take the module ({e}); compiling fully");
+            // The full compile that follows stores the artifact itself.
+            let _ = nix::sys::signal::kill(filler, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(filler, None);
+            return None;
+        }
+    };
+    // Wait until the filler is out of the container's cgroup (it closes its end then, or
+    // when it gives up). It is not waited for otherwise: the shim, as subreaper, reaps it if
+    // it outlives this worker.
+    let mut moved = Vec::new();
+    let _ = File::from(fill_read).read_to_end(&mut moved);
+    if moved.is_empty() {
+        log::warn!("the background compile could not leave the container's cgroup; not filling");
+    }
+    // SAFETY: produced just now by `baseline`'s precompile_module in our child, and received
+    // whole (length and exit status checked by `decode`).
+    unsafe { wasmtime::Module::deserialize(&baseline, &artifact) }
+        .map_err(|e| log::warn!("baseline artifact rejected: {e:#}"))
+        .ok()
+}
+
+fn send_artifact(out: &mut File, artifact: &[u8]) -> bool {
+    let mut head = vec![ARTIFACT];
+    head.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
+    out.write_all(&head)
+        .and_then(|()| out.write_all(artifact))
+        .is_ok()
+}
+
+/// The cache fill, in its own child: leave the container's cgroup (then say so on `moved`),
+/// compile with the optimizing engine and store the artifact.
+fn fill_cache(b: &Baseline<'_>, wasm: &[u8], mut moved: File) -> i32 {
+    // Let go of everything the worker holds for its container (stdio FIFOs, the channel to the
+    // shim, the log pipe): the container's output must end when its worker does, and the shim
+    // must see the worker's channel close when the worker exits.
+    let keep = moved.as_raw_fd();
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|&fd| fd != keep) {
+        // SAFETY: closing descriptors this child owns copies of; nothing in it uses them.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: setpriority with integer arguments: the fill yields to the containers.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let pid = std::process::id().to_string();
+    for procs in b.home_cgroup_procs {
+        if std::fs::write(procs, &pid).is_err() {
+            // Still in the container's cgroup: its deletion would kill the fill halfway.
+            return 4;
+        }
+    }
+    let _ = moved.write_all(b"1");
+    drop(moved);
+    let Some(_lock) = b.cache.try_lock_fill(wasm) else {
+        return 0;
+    };
+    if b.cache.lookup(b.engine, wasm).is_some() {
+        return 0;
+    }
+    match b.engine.precompile_module(wasm) {
+        Ok(artifact) => match b.cache.store_artifact(wasm, &artifact) {
+            Ok(()) => 0,
+            Err(_) => 5,
+        },
+        Err(_) => 6,
     }
 }
 

@@ -45,6 +45,10 @@ pub struct SpawnRequest {
     /// `cgroup_procs`; on a kernel without it (before 5.7), the worker writes them as on v1.
     #[serde(default)]
     pub clone_into: Option<PathBuf>,
+    /// `cgroup.procs` files of the shim's own cgroups: where the background compile that
+    /// fills the cache after a baseline first start moves to, out of the container's cgroup.
+    #[serde(default)]
+    pub home_cgroup_procs: Vec<PathBuf>,
     /// The compile cache root.
     pub cache_root: PathBuf,
     /// The container's log pipe (containerd's `log` FIFO in its bundle), if any.

@@ -11,9 +11,7 @@ use std::time::Instant;
 
 use kiln_plan::Plan;
 use log::debug;
-use wasmtime::{
-    Engine, ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder,
-};
+use wasmtime::{ExternType, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
@@ -50,8 +48,9 @@ pub fn memory_cap(limit: Option<i64>) -> Option<usize> {
     usize::try_from(limit - reserve).ok()
 }
 
+/// Links `module` (compiled by any of Kiln's engines: the optimizing one, or the baseline one
+/// for a first start) with WASI and prepares its context.
 pub(crate) fn prepare(
-    engine: &Engine,
     module: Module,
     plan: &Plan,
     cache: String,
@@ -91,7 +90,7 @@ pub(crate) fn prepare(
             ));
         }
     }
-    let mut linker: Linker<Host> = Linker::new(engine);
+    let mut linker: Linker<Host> = Linker::new(module.engine());
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
         .map_err(|e| format!("set up WASI: {e:#}"))?;
     let pre = linker
@@ -139,7 +138,7 @@ pub(crate) fn prepare(
 }
 
 /// Runs the guest and returns the container's exit status.
-pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
+pub(crate) fn run(p: Prepared) -> i32 {
     let started = Instant::now();
     // wasmtime-wasi's preview 1 calls run on a tokio runtime; left to itself it builds one
     // with a worker thread per CPU, in every container. One worker thread serves one guest,
@@ -166,7 +165,7 @@ pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
         limits = limits.memory_size(cap);
     }
     let mut store = Store::new(
-        engine,
+        p.pre.module().engine(),
         Host {
             wasi: p.wasi,
             limits: limits.build(),
@@ -204,6 +203,7 @@ pub(crate) fn run(engine: &Engine, p: Prepared) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmtime::Engine;
 
     const WAT: &str = r#"
         (module
@@ -250,14 +250,8 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let wasm = wat::parse_str(WAT).expect("wat");
         let module = Module::new(&engine, wasm).expect("module");
-        let p = prepare(
-            &engine,
-            module,
-            &plan(func, memory, root.path()),
-            String::new(),
-            0,
-        )?;
-        Ok(run(&engine, p))
+        let p = prepare(module, &plan(func, memory, root.path()), String::new(), 0)?;
+        Ok(run(p))
     }
 
     #[test]

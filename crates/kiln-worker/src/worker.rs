@@ -54,7 +54,7 @@ pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) 
         }
     }
     drop(chan);
-    run::run(engine, prepared)
+    run::run(prepared)
 }
 
 fn report(chan: &mut UnixStream, r: &WorkerReport) {
@@ -81,22 +81,44 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
 
     let started = Instant::now();
     let cache = kiln_cache::Cache::open(&req.cache_root, engine);
-    let (module, outcome) = cache
-        .load_file_with(engine, &plan.module_path, crate::compile::in_child)
-        .map_err(|e| describe_load_error(plan, e))?;
+    let wasm = std::fs::read(&plan.module_path).map_err(|source| {
+        describe_load_error(
+            plan,
+            kiln_cache::CacheError::Read {
+                path: plan.module_path.clone(),
+                source,
+            },
+        )
+    })?;
+    let (module, outcome) = match cache.lookup(engine, &wasm) {
+        Some(m) => (m, kiln_cache::Outcome::Hit),
+        None => {
+            let baseline = (cache.dir().is_some() && baseline_first_start())
+                .then(|| {
+                    let b = crate::compile::Baseline {
+                        engine,
+                        cache: &cache,
+                        home_cgroup_procs: &req.home_cgroup_procs,
+                    };
+                    crate::compile::baseline_first_start(&b, &wasm)
+                })
+                .flatten();
+            match baseline {
+                Some(m) => (m, kiln_cache::Outcome::Baseline),
+                None => cache
+                    .load_bytes_with(engine, &wasm, crate::compile::in_child)
+                    .map_err(|e| describe_load_error(plan, e))?,
+            }
+        }
+    };
+    drop(wasm);
     let load_us = started.elapsed().as_micros() as u64;
     debug!(
         "worker {}: module {} loaded ({outcome:?}) in {load_us} us",
         plan.id,
         plan.module_path.display()
     );
-    let prepared = run::prepare(
-        engine,
-        module,
-        plan,
-        format!("{outcome:?}").to_lowercase(),
-        load_us,
-    )?;
+    let prepared = run::prepare(module, plan, format!("{outcome:?}").to_lowercase(), load_us)?;
 
     for ns in plan.namespaces.iter().filter(|n| n.kind == "user") {
         join(&ns.kind, &ns.path)?;
@@ -110,6 +132,22 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
     }
     set_user(plan)?;
     Ok(prepared)
+}
+
+/// `KILN_FIRST_START` in containerd's environment: `baseline` (the default) starts a module
+/// that is not in the compile cache with the baseline compiler's code, for the rest of that
+/// container's life; `optimized` makes that start wait for the optimizing compile instead.
+const FIRST_START_ENV: &str = "KILN_FIRST_START";
+
+fn baseline_first_start() -> bool {
+    match std::env::var(FIRST_START_ENV).as_deref() {
+        Ok("optimized") => false,
+        Ok("baseline") | Ok("") | Err(_) => true,
+        Ok(other) => {
+            log::warn!("{FIRST_START_ENV}={other:?} is not baseline or optimized; using baseline");
+            true
+        }
+    }
 }
 
 fn describe_load_error(plan: &kiln_plan::Plan, e: kiln_cache::CacheError) -> String {
