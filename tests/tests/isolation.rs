@@ -173,9 +173,10 @@ fn a_module_is_compiled_once_and_then_mapped_from_the_cache() {
 
 #[test]
 fn a_worker_that_compiled_keeps_no_compiler_threads() {
-    // The compilation of a cache miss runs in a child of the worker, so the worker keeps
-    // neither Cranelift's heap nor the parallel compiler's thread pool: once running, a worker
-    // that compiled looks like one that mapped the cached artifact.
+    // The compilation of a cache miss (here the default baseline first start; the optimized
+    // one is tested in first_start_optimized.rs) runs in children of the worker, so the worker
+    // keeps neither a compiler's heap nor the parallel compiler's thread pool: once running, a
+    // worker that compiled looks like one that mapped the cached artifact.
     let k = kiln();
     let (reference, _) = k.import_unique("sleep", "uncached");
     let miss = k.container("compiled-miss");
