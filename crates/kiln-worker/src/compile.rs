@@ -152,6 +152,12 @@ pub fn baseline_first_start(b: &Baseline<'_>, wasm: &[u8]) -> Option<wasmtime::M
             return None;
         }
     };
+    if crate::zygote::thread_count() != 1 {
+        // Building an engine starts no thread today; if a Wasmtime upgrade changed that,
+        // forking below would be unsound.
+        log::warn!("the baseline engine started a thread; compiling without it");
+        return None;
+    }
     let (fill_read, fill_write) = pipe().ok()?;
     // Closed by the worker once it has the baseline module: the fill's compile then no longer
     // competes with the one the start is waiting for.
