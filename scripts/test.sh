@@ -24,6 +24,8 @@ cargo test --workspace -- --test-threads=2
 for suite in trixie sid; do
   bin=$(scripts/fetch-containerd.sh "$suite" "target/containerd/$suite")
   echo "==> end-to-end tests against $("$bin/containerd" --version)"
-  KILN_E2E_CONTAINERD_BIN=$bin cargo test -p kiln-e2e --test run --test lifecycle --test errors --test isolation --test shared_shim \
+  # --workspace (not -p kiln-e2e): the same feature set as the run above, so nothing is rebuilt.
+  KILN_E2E_CONTAINERD_BIN=$bin cargo test --workspace --test run --test lifecycle --test errors \
+    --test isolation --test shared_shim --test first_start --test first_start_optimized \
     -- --test-threads=2
 done

@@ -242,6 +242,45 @@ fn send_artifact(out: &mut File, artifact: &[u8]) -> bool {
         .is_ok()
 }
 
+/// Renames this process (its `comm` and its command line): the fill outlives the container it
+/// was forked for, and must not look like that container's shim in `ps` or to tools that find
+/// a container's processes by the id in their command line (it inherited the shim's argv).
+fn retitle(title: &str) {
+    if let Ok(name) = std::ffi::CString::new(&title.as_bytes()[..title.len().min(15)]) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+    // /proc/self/stat fields 48 and 49 (after the parenthesised comm) are the bounds of the
+    // argv area that /proc/self/cmdline shows.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (state): field N is rest[N - 3].
+    let (Some(start), Some(end)) = (
+        fields.get(45).and_then(|f| f.parse::<usize>().ok()),
+        fields.get(46).and_then(|f| f.parse::<usize>().ok()),
+    ) else {
+        return;
+    };
+    if end <= start {
+        return;
+    }
+    let len = end - start;
+    let bytes = title.as_bytes();
+    let n = bytes.len().min(len - 1);
+    // SAFETY: [start, end) is this process's own argv area, mapped and writable (it is on the
+    // initial stack); nothing in this single-threaded child reads argv afterwards.
+    unsafe {
+        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
+        area[..n].copy_from_slice(&bytes[..n]);
+        area[n..].fill(0);
+    }
+}
+
 /// The cache fill, in its own child: leave the container's cgroup (then say so on `moved`),
 /// wait until the worker has its baseline module (`go` closes), compile with the optimizing
 /// engine and store the artifact. Started alongside the baseline compile, the fill made it
@@ -264,6 +303,7 @@ fn fill_cache(b: &Baseline<'_>, wasm: &[u8], mut moved: File, mut go: File) -> i
     }
     // SAFETY: setpriority with integer arguments: the fill yields to the containers.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    retitle(&format!("kiln-cache-fill {}", kiln_cache::Cache::key(wasm)));
     let pid = std::process::id().to_string();
     for procs in b.home_cgroup_procs {
         if std::fs::write(procs, &pid).is_err() {
