@@ -664,6 +664,18 @@ impl Run {
 
 // ---- host-side inspection ----
 
+/// A field of `/proc/PID/status` (e.g. `Threads`, `VmRSS`), trimmed; empty if unreadable.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// Pids of processes whose command line has `id` as one argument or whose cgroup path ends
 /// with `/id` (the shim, its zygote and workers, anything left in the container's cgroup).
 pub fn processes_of(id: &str) -> Vec<(u32, String)> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kiln_e2e::kiln_with_env;
+use kiln_e2e::{kiln_with_env, proc_status};
 
 #[test]
 fn an_optimized_first_start_leaves_the_artifact_in_the_cache() {
@@ -39,19 +39,12 @@ fn a_worker_that_compiled_keeps_no_compiler_threads() {
             .pid;
         (c, pid)
     };
-    let status = |pid: u32, field: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(&format!("{field}:"))
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
     let (miss, miss_pid) = start("optimized-miss");
     let (hit, hit_pid) = start("optimized-hit");
-    let threads = (status(miss_pid, "Threads"), status(hit_pid, "Threads"));
+    let threads = (
+        proc_status(miss_pid, "Threads"),
+        proc_status(hit_pid, "Threads"),
+    );
     for c in [&miss, &hit] {
         let _ = c.kill(Some("SIGKILL"));
         let _ = c.wait_status("STOPPED", Duration::from_secs(10));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kiln_e2e::oci::Image;
-use kiln_e2e::{Container, Kiln, image, kiln};
+use kiln_e2e::{Container, Kiln, image, kiln, proc_status};
 use sha2::{Digest, Sha256};
 
 /// Imports a copy of workload `name` whose image config sets `User`, once per test binary.
@@ -43,17 +43,6 @@ fn start_image(c: &Container, image: &str, opts: &[&str]) -> u32 {
         .pid
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{field}:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default()
-}
-
 fn stop(c: &Container) {
     let _ = c.kill(Some("SIGKILL"));
     let _ = c.wait_status("STOPPED", Duration::from_secs(5));
@@ -64,9 +53,9 @@ fn the_worker_runs_as_the_containers_user_without_new_privileges() {
     let k = kiln();
     let c = k.container("user");
     let pid = start_image(&c, &image_as_user(k, "sleep", "1000:1001"), &[]);
-    let uid = status_field(pid, "Uid");
-    let gid = status_field(pid, "Gid");
-    let nnp = status_field(pid, "NoNewPrivs");
+    let uid = proc_status(pid, "Uid");
+    let gid = proc_status(pid, "Gid");
+    let nnp = proc_status(pid, "NoNewPrivs");
     stop(&c);
     assert!(uid.split_whitespace().all(|u| u == "1000"), "Uid: {uid}");
     assert!(gid.split_whitespace().all(|g| g == "1001"), "Gid: {gid}");
@@ -183,9 +172,9 @@ fn a_worker_that_compiled_keeps_no_compiler_threads() {
     let miss_pid = start_image(&miss, &reference, &[]);
     let hit = k.container("compiled-hit");
     let hit_pid = start_image(&hit, &reference, &[]);
-    let threads = |pid| status_field(pid, "Threads");
+    let threads = |pid| proc_status(pid, "Threads");
     let rss_kib = |pid| {
-        status_field(pid, "VmRSS")
+        proc_status(pid, "VmRSS")
             .trim_end_matches(" kB")
             .parse::<u64>()
             .unwrap_or(0)

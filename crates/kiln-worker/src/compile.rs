@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use kiln_cache::CacheError;
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -31,22 +31,36 @@ pub fn in_child(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, CacheError> {
     if crate::zygote::thread_count() != 1 {
         return engine.precompile_module(wasm).map_err(CacheError::Compile);
     }
+    compile_in_child(engine, wasm, &[])
+}
+
+/// Forks a child that compiles `wasm` with `engine` and sends the artifact (or the compiler's
+/// reason for refusing the module) back through a pipe; waits for it. The child dies with the
+/// worker, and first closes its copies of `close_in_child` (descriptors whose other end must
+/// see the worker's copy alone). The caller guarantees the worker is single-threaded.
+fn compile_in_child(
+    engine: &Engine,
+    wasm: &[u8],
+    close_in_child: &[RawFd],
+) -> Result<Vec<u8>, CacheError> {
     let (read_end, write_end) = pipe().map_err(|e| CacheError::Compiler(format!("pipe: {e}")))?;
-    // SAFETY: the worker is single-threaded (checked above), so the child is a complete copy.
+    // SAFETY: the caller guarantees the worker is single-threaded, so the child is a complete
+    // copy.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(read_end);
-            // SAFETY: prctl with integer arguments. A child whose worker was killed stops too.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            // SAFETY: closing this child's copies of the parent's descriptors; prctl with
+            // integer arguments: the compile is part of this worker's start and dies with it.
+            unsafe {
+                for &fd in close_in_child {
+                    libc::close(fd);
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
             let mut out = File::from(write_end);
             let code = match engine.precompile_module(wasm) {
-                Ok(artifact) => {
-                    if send_artifact(&mut out, &artifact) {
-                        0
-                    } else {
-                        3
-                    }
-                }
+                Ok(artifact) if send_artifact(&mut out, &artifact) => 0,
+                Ok(_) => 3,
                 Err(e) => {
                     let mut msg = vec![REJECTED];
                     msg.extend_from_slice(format!("{e:#}").as_bytes());
@@ -61,8 +75,7 @@ pub fn in_child(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, CacheError> {
             drop(write_end);
             let mut msg = Vec::new();
             let read = File::from(read_end).read_to_end(&mut msg);
-            let status = waitpid(child, None);
-            decode(msg, read.is_ok(), status)
+            decode(msg, read.is_ok(), waitpid(child, None))
         }
         Err(e) => Err(CacheError::Compiler(format!("fork: {e}"))),
     }
@@ -176,38 +189,12 @@ pub fn baseline_first_start(b: &Baseline<'_>, wasm: &[u8]) -> Option<wasmtime::M
     };
     drop(fill_write);
     drop(go_read);
-    let (read_end, write_end) = pipe().ok()?;
-    // SAFETY: still single-threaded: the filler is a separate process.
-    let compiled = match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(read_end);
-            drop(fill_read);
-            drop(go_write);
-            // SAFETY: prctl with integer arguments: the baseline compile is part of this
-            // worker's start and dies with it.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-            let mut out = File::from(write_end);
-            let code = match baseline.precompile_module(wasm) {
-                Ok(artifact) if send_artifact(&mut out, &artifact) => 0,
-                Ok(_) => 3,
-                Err(e) => {
-                    let mut msg = vec![REJECTED];
-                    msg.extend_from_slice(format!("{e:#}").as_bytes());
-                    let _ = out.write_all(&msg);
-                    2
-                }
-            };
-            // SAFETY: leaving the forked child.
-            unsafe { libc::_exit(code) }
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(write_end);
-            let mut msg = Vec::new();
-            let read = File::from(read_end).read_to_end(&mut msg);
-            decode(msg, read.is_ok(), waitpid(child, None))
-        }
-        Err(e) => Err(CacheError::Compiler(format!("fork: {e}"))),
-    };
+    // Still single-threaded: the filler is a separate process.
+    let compiled = compile_in_child(
+        &baseline,
+        wasm,
+        &[fill_read.as_raw_fd(), go_write.as_raw_fd()],
+    );
     drop(go_write);
     let artifact = match compiled {
         Ok(a) => a,
