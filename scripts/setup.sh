@@ -14,7 +14,7 @@
 #     curl              only when Rust itself has to be installed
 # * Rust: when cargo is missing, rustup with the stable toolchain (from sh.rustup.rs); a
 #   toolchain older than the workspace's rust-version is updated when it is rustup's stable.
-# * The wasm32-wasip1 Rust target (the test workloads), when missing.
+# * The wasm32-wasip1 and wasm32-wasip2 Rust targets (the test workloads), when missing.
 #
 # Idempotent and quiet: prints nothing when everything is present. No stdin is read.
 set -euo pipefail
@@ -22,7 +22,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-wasm_target=wasm32-wasip1
+wasm_targets=(wasm32-wasip1 wasm32-wasip2)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -95,12 +95,14 @@ if [ -n "$required" ]; then
     fi
 fi
 
-# --- wasm32-wasip1 ----------------------------------------------------------------------------
-if have rustup; then
-    if ! rustup target list --installed | grep -qx "$wasm_target"; then
-        log "installing Rust target $wasm_target"
-        rustup target add "$wasm_target" </dev/null >/dev/null
+# --- wasm32-wasip1, wasm32-wasip2 -------------------------------------------------------------
+for wasm_target in "${wasm_targets[@]}"; do
+    if have rustup; then
+        if ! rustup target list --installed | grep -qx "$wasm_target"; then
+            log "installing Rust target $wasm_target"
+            rustup target add "$wasm_target" </dev/null >/dev/null
+        fi
+    elif [ ! -d "$(rustc --print sysroot)/lib/rustlib/$wasm_target" ]; then
+        die "the Rust target $wasm_target is missing and rustup is not available to install it"
     fi
-elif [ ! -d "$(rustc --print sysroot)/lib/rustlib/$wasm_target" ]; then
-    die "the Rust target $wasm_target is missing and rustup is not available to install it"
-fi
+done
