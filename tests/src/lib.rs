@@ -45,6 +45,11 @@ pub const WORKLOADS: &[&str] = &[
     "trap",
     "sleep",
     "memgrow",
+    "spin",
+    "tablegrow",
+    "cli-p2",
+    "net-p2",
+    "http-p2",
 ];
 
 /// Default deadline for one `ctr` command.
