@@ -412,6 +412,12 @@ impl Kiln {
     /// this test binary run and `tag`: a custom section is appended. Its first run is a
     /// guaranteed cache miss. Returns the image reference and the module's cache key.
     pub fn import_unique(&self, name: &str, tag: &str) -> (String, String) {
+        self.import_unique_as(name, tag, "")
+    }
+
+    /// [`Kiln::import_unique`] with the image config's `User` set to `user` (`uid[:gid]`;
+    /// empty for none).
+    pub fn import_unique_as(&self, name: &str, tag: &str, user: &str) -> (String, String) {
         let reference = format!("docker.io/kiln-test/{name}-{tag}:latest");
         let mut wasm = std::fs::read(self.wasm(name)).expect("read module");
         let payload = format!("{tag}-{}-{}", std::process::id(), self.dir.display());
@@ -422,7 +428,8 @@ impl Kiln {
         wasm.extend_from_slice(section);
         wasm.extend_from_slice(payload.as_bytes());
         let key = hex::encode(sha2::Sha256::digest(&wasm));
-        let img = oci::Image::single_file(&reference, &format!("/{name}.wasm"), wasm);
+        let mut img = oci::Image::single_file(&reference, &format!("/{name}.wasm"), wasm);
+        img.user = user.to_string();
         let dir = tempfile::tempdir().expect("tempdir");
         let tar = dir.path().join("img.tar");
         std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");

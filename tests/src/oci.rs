@@ -22,6 +22,9 @@ pub struct File {
     pub data: Vec<u8>,
     /// Permission bits.
     pub mode: u32,
+    /// A device node (`'c'` or `'b'`, major, minor) instead of a regular file; `data` is
+    /// then empty.
+    pub node: Option<(char, u32, u32)>,
 }
 
 /// An image to write.
@@ -60,6 +63,7 @@ impl Image {
                 path: path.to_string(),
                 data,
                 mode: 0o755,
+                node: None,
             }],
         }
     }
@@ -148,7 +152,20 @@ impl Image {
                     dirs.push(dir);
                 }
             }
-            append(&mut tar, rel, &f.data, f.mode)?;
+            match f.node {
+                Some((kind, major, minor)) => {
+                    let kind = if kind == 'b' {
+                        tar::EntryType::Block
+                    } else {
+                        tar::EntryType::Char
+                    };
+                    let mut h = header(kind, f.mode, 0);
+                    h.set_device_major(major)?;
+                    h.set_device_minor(minor)?;
+                    tar.append_data(&mut h, rel, std::io::empty())?;
+                }
+                None => append(&mut tar, rel, &f.data, f.mode)?,
+            }
         }
         tar.into_inner()
     }

@@ -4,6 +4,9 @@
 //!   fileio read PATH         print the file's content
 //!   fileio write PATH TEXT   write TEXT to PATH (created or truncated)
 //!   fileio ls PATH           list entries of a directory, sorted
+//!   fileio open PATH MODE    open PATH for reading (r), writing (w) or both (rw), print
+//!                            "opened PATH", and touch no data (device-node probes)
+//!   fileio mkdir PATH        create a directory
 
 use std::io::Write;
 use std::process::exit;
@@ -14,7 +17,7 @@ fn fail(msg: String) -> ! {
 }
 
 fn usage() -> ! {
-    fail("usage: fileio read PATH | write PATH TEXT | ls PATH".to_string());
+    fail("usage: fileio read PATH | write PATH TEXT | ls PATH | open PATH r|w|rw | mkdir PATH".to_string());
 }
 
 fn main() {
@@ -55,6 +58,26 @@ fn main() {
             names.sort();
             for name in names {
                 println!("{name}");
+            }
+        }
+        Some("open") if args.len() == 4 => {
+            let path = &args[2];
+            let (read, write) = match args[3].as_str() {
+                "r" => (true, false),
+                "w" => (false, true),
+                "rw" => (true, true),
+                _ => usage(),
+            };
+            match std::fs::OpenOptions::new().read(read).write(write).open(path) {
+                Ok(_) => println!("opened {path}"),
+                Err(e) => fail(format!("open failed: {path}: {e}")),
+            }
+        }
+        Some("mkdir") if args.len() == 3 => {
+            let path = &args[2];
+            match std::fs::create_dir(path) {
+                Ok(()) => println!("created {path}"),
+                Err(e) => fail(format!("mkdir failed: {path}: {e}")),
             }
         }
         _ => usage(),
