@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::devices::{self, DeviceRule};
 use crate::fsutil::{self, parse_pids, read_optional, write_file};
 use crate::layout::{Hierarchy, Layout, V1_CONTROLLERS};
 use crate::path::{self, Target};
@@ -28,6 +29,10 @@ const KILL_ROUNDS: usize = 5;
 pub struct Resources {
     /// Memory limit in bytes; negative means unlimited.
     pub memory_limit: Option<i64>,
+    /// Memory soft limit in bytes (v1 `memory.soft_limit_in_bytes`, v2
+    /// `memory.low`); negative means none.
+    #[serde(default)]
+    pub memory_reservation: Option<i64>,
     /// Memory plus swap limit in bytes (the OCI/v1 meaning); -1 means
     /// unlimited. On v2 it becomes `memory.swap.max = swap - memory`.
     pub memory_swap: Option<i64>,
@@ -41,6 +46,14 @@ pub struct Resources {
     /// Maximum number of processes/threads; zero or negative means
     /// unlimited (`max`).
     pub pids_limit: Option<i64>,
+    /// Device access rules over a default of "deny everything"; `None`
+    /// leaves device access as the parent cgroup has it.
+    #[serde(default)]
+    pub devices: Option<Vec<DeviceRule>>,
+    /// v2 only: control files of the cgroup and the values to write to
+    /// them (the spec's `linux.resources.unified`), after the other limits.
+    #[serde(default)]
+    pub unified: Vec<(String, String)>,
 }
 
 /// Converts v1 `cpu.shares` (2..=262144) to v2 `cpu.weight` (1..=10000)
@@ -107,6 +120,9 @@ impl Cgroup {
         resources: &Resources,
     ) -> Result<Cgroup> {
         let cgroup = Cgroup::resolve(layout, cgroups_path, default_path)?;
+        if let Some(rules) = &resources.devices {
+            devices::validate(rules)?;
+        }
         match &cgroup.dirs {
             Dirs::V1(dirs) => {
                 for dir in dirs {
@@ -124,6 +140,9 @@ impl Cgroup {
                     fsutil::create_dir(&parent)?;
                 }
                 apply_v2(&parent, resources, swap)?;
+                if let Some(rules) = &resources.devices {
+                    devices::attach_v2(&parent, rules)?;
+                }
             }
         }
         Ok(cgroup)
@@ -268,7 +287,13 @@ impl Cgroup {
                 (None, Some(s)) => write_file(&memsw, &s.to_string())?,
                 (None, None) => {}
             }
-        } else if memory.is_some() || swap.is_some() {
+            if let Some(r) = r.memory_reservation.filter(|&r| r != 0) {
+                write_file(
+                    &dir.join("memory.soft_limit_in_bytes"),
+                    &r.max(-1).to_string(),
+                )?;
+            }
+        } else if memory.is_some() || swap.is_some() || r.memory_reservation.is_some() {
             warn!("memory controller not mounted; memory limits not applied");
         }
 
@@ -296,7 +321,28 @@ impl Cgroup {
                 None => warn!("pids controller not mounted; pids limit not applied"),
             }
         }
+        if let Some(rules) = &r.devices {
+            self.apply_v1_devices(rules)?;
+        }
+        if let Some((key, _)) = r.unified.first() {
+            return Err(Error::InvalidResources(format!(
+                "unified setting {key:?} needs cgroup v2"
+            )));
+        }
         Ok(())
+    }
+
+    fn apply_v1_devices(&self, rules: &[DeviceRule]) -> Result<()> {
+        match self.v1_dir("devices") {
+            Some(dir) => devices::apply_v1(dir, rules),
+            // Device nodes in the image would be reachable with whatever the parent allows:
+            // refused rather than run unconfined.
+            None => Err(Error::InvalidResources(
+                "the cgroup v1 devices controller is not mounted, so device rules cannot be \
+                 enforced"
+                    .to_string(),
+            )),
+        }
     }
 
     /// Moves process `pid` into the cgroup (writes `cgroup.procs` in every
@@ -491,6 +537,14 @@ fn apply_v2(dir: &Path, r: &Resources, swap: Option<String>) -> Result<()> {
         };
         write_file(&dir.join("memory.max"), &value)?;
     }
+    if let Some(low) = r.memory_reservation.filter(|&m| m != 0) {
+        let value = if low < 0 {
+            "0".to_owned()
+        } else {
+            low.to_string()
+        };
+        write_file(&dir.join("memory.low"), &value)?;
+    }
     if let Some(swap) = swap {
         let file = dir.join("memory.swap.max");
         if file.exists() {
@@ -519,6 +573,14 @@ fn apply_v2(dir: &Path, r: &Resources, swap: Option<String>) -> Result<()> {
     }
     if let Some(p) = r.pids_limit {
         write_file(&dir.join("pids.max"), &pids_value(p))?;
+    }
+    for (key, value) in &r.unified {
+        if key.contains('/') || key.starts_with('.') {
+            return Err(Error::InvalidResources(format!(
+                "unified key {key:?} is not a file of the cgroup"
+            )));
+        }
+        write_file(&dir.join(key), value)?;
     }
     Ok(())
 }

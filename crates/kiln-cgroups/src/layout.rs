@@ -17,9 +17,12 @@ const MOUNTINFO: &str = "/proc/self/mountinfo";
 const PROC_CGROUP: &str = "/proc/self/cgroup";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// The v1 controllers this crate manages; a hierarchy carrying one of them
-/// makes the layout v1.
-pub(crate) const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+/// The v1 controllers whose presence makes the layout v1.
+const V1_DETECT: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+
+/// The v1 controllers a container's cgroup is created in: the limits', the statistics' and
+/// `devices`, which confines the device nodes a guest may open.
+pub(crate) const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "devices"];
 
 /// Mount options of a v1 cgroup mount that are not controller names.
 const NOT_CONTROLLERS: [&str; 8] = [
@@ -121,7 +124,7 @@ impl Layout {
                 },
             }
         }
-        let managed = |h: &Hierarchy| V1_CONTROLLERS.iter().any(|c| h.has(c));
+        let managed = |h: &Hierarchy| V1_DETECT.iter().any(|c| h.has(c));
         if v1.iter().any(managed) {
             Ok(Layout::V1 { hierarchies: v1 })
         } else if let Some(unified) = v2 {

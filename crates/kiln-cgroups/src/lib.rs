@@ -9,14 +9,14 @@
 //! the container's cgroup, and container start latency is the headline
 //! metric. `cgroups-rs` creates the cgroup in *every* v1 hierarchy,
 //! including `cpuset` (whose `cpuset.cpus`/`cpuset.mems` then have to be
-//! copied from the parent before a process may join), `devices`, `freezer`,
-//! `blkio` and so on. That costs milliseconds on the start path for
+//! copied from the parent before a process may join), `freezer`, `blkio`
+//! and so on. That costs milliseconds on the start path for
 //! controllers we never set a limit in. This crate only touches what the
 //! limits and statistics need:
 //!
-//! * v1: the hierarchies that carry `memory`, `cpu`, `cpuacct` and `pids`
-//!   (a co-mounted pair such as `cpu,cpuacct` is one directory, created
-//!   once). `cpuset`, `devices`, `freezer`, `blkio`, `name=systemd` and any
+//! * v1: the hierarchies that carry `memory`, `cpu`, `cpuacct`, `pids` and
+//!   `devices` (a co-mounted pair such as `cpu,cpuacct` is one directory,
+//!   created once). `cpuset`, `freezer`, `blkio`, `name=systemd` and any
 //!   other hierarchy are left alone, so the process stays in its parent's
 //!   cgroup there.
 //! * v2: one directory; `+cpu +memory +pids` are enabled in the ancestors'
@@ -61,6 +61,7 @@
 #![warn(missing_docs)]
 
 mod cgroup;
+mod devices;
 mod fsutil;
 mod layout;
 mod path;
@@ -70,6 +71,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use cgroup::{Cgroup, Resources, shares_to_weight};
+pub use devices::{DeviceKind, DeviceRule, allows_everything};
 pub use layout::{Hierarchy, Layout};
 pub use stats::Stats;
 
@@ -132,6 +134,20 @@ pub enum Error {
         what: String,
         /// What was wrong with it.
         reason: String,
+    },
+    /// The device rules could not be put in place (v2: loading or attaching the BPF
+    /// program).
+    #[error("{op} for {}: {source}{}", path.display(), if detail.is_empty() { String::new() } else { format!(" (verifier: {detail})") })]
+    Device {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The verifier's log, if any.
+        detail: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
     },
     /// None of the cgroup's directories exist.
     #[error("cgroup {} does not exist", path.display())]

@@ -6,18 +6,30 @@
 //! worker that dies with a half-written message. The worker then only executes a [`Plan`]; it
 //! never reads `config.json` itself.
 //!
+//! Every field of the runtime spec has a decision ([`fields`]): applied, refused with an error
+//! that names the field, or documented as meaningless for a Wasm guest. The plan carries what
+//! is applied; nothing is dropped on the floor.
+//!
 //! The plan is a plain serialisable value so that it can cross the process boundary to the
 //! worker as-is.
 
+mod entrypoint;
+pub mod fields;
+mod mounts;
 mod resolve;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 
-use log::debug;
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
+pub use entrypoint::{ModuleKind, split_entrypoint};
+pub use kiln_cgroups::Resources;
 pub use resolve::resolve_in_root;
+pub use sandbox::{
+    CapabilitySets, DeviceNode, IdMap, Namespace, NamespaceAction, Rlimit, Sandbox, Seccomp,
+};
 
 /// The export called when the entrypoint names none: WASI's command entry.
 pub const DEFAULT_ENTRY_FUNC: &str = "_start";
@@ -32,6 +44,8 @@ pub struct Plan {
     pub id: String,
     /// Host path of the module file, inside the container's rootfs.
     pub module_path: PathBuf,
+    /// Whether the file is a core module or a component.
+    pub module_kind: ModuleKind,
     /// The export to call (`path#func` in `process.args[0]`; default `_start`).
     pub entry_func: String,
     /// The guest's argv: `process.args` with argv\[0\] stripped of any `#func` suffix.
@@ -40,18 +54,23 @@ pub struct Plan {
     pub env: Vec<(String, String)>,
     /// The guest's working directory (a guest path).
     pub cwd: String,
+    /// Where the working directory is: which preopen holds it and the path inside that
+    /// preopen (empty for the preopen itself). The worker creates it when missing, as runc
+    /// does.
+    pub cwd_in: (usize, PathBuf),
     /// Directories the guest sees, the rootfs first.
     pub preopens: Vec<Preopen>,
-    /// Resource limits from `linux.resources`.
-    pub limits: Limits,
+    /// The container's cgroup settings from `linux.resources` (device rules included).
+    pub resources: Resources,
     /// `linux.cgroupsPath` as given (empty when the spec gives none).
     pub cgroups_path: String,
-    /// Namespaces to join: only those the spec gives a `path` for.
-    pub namespaces: Vec<NamespaceJoin>,
+    /// The namespaces to join or create, in the order the worker enters them.
+    pub namespaces: Vec<Namespace>,
     /// The user the worker runs as.
     pub user: User,
-    /// `process.noNewPrivileges` (the worker sets it regardless; recorded for logs).
-    pub no_new_privileges: bool,
+    /// Everything else that confines the worker: capabilities, rlimits, seccomp, devices,
+    /// id mappings, sysctls.
+    pub sandbox: Sandbox,
 }
 
 /// A host directory the guest sees at `guest` path.
@@ -63,32 +82,9 @@ pub struct Preopen {
     pub guest: String,
     /// Writes through this preopen fail inside the guest.
     pub read_only: bool,
-}
-
-/// Resource limits, all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits {
-    /// Memory limit in bytes (cgroup, and the cap on linear memory).
-    pub memory: Option<i64>,
-    /// Memory plus swap limit in bytes.
-    pub memory_swap: Option<i64>,
-    /// CPU shares (cgroup v1 semantics; converted to weight on v2).
-    pub cpu_shares: Option<u64>,
-    /// CFS quota in microseconds per period.
-    pub cpu_quota: Option<i64>,
-    /// CFS period in microseconds.
-    pub cpu_period: Option<u64>,
-    /// Maximum number of pids.
-    pub pids: Option<i64>,
-}
-
-/// A namespace to join by path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NamespaceJoin {
-    /// The kind, as in the OCI spec (`network`, `ipc`, `uts`, `mount`, `pid`, `user`, `cgroup`).
-    pub kind: String,
-    /// The namespace file, e.g. `/proc/123/ns/net`.
-    pub path: PathBuf,
+    /// Programs may not be executed from it (`noexec`; meaningful to a worker compromised
+    /// beyond Wasm, not to a guest).
+    pub no_exec: bool,
 }
 
 /// The identity the worker takes before running guest code.
@@ -131,6 +127,17 @@ pub enum PlanError {
         /// Guest path of the file.
         path: String,
     },
+    /// The entrypoint is Wasm of a version Kiln does not know.
+    #[error(
+        "entrypoint {path:?} is a WebAssembly binary of unknown version {version:02x?} \
+         (neither a core module nor a component)"
+    )]
+    UnknownWasmVersion {
+        /// Guest path of the file.
+        path: String,
+        /// The four version bytes after the magic.
+        version: [u8; 4],
+    },
     /// The entrypoint could not be read.
     #[error("cannot read entrypoint {path:?}: {source}")]
     ReadEntrypoint {
@@ -160,15 +167,58 @@ pub enum PlanError {
         /// What went wrong.
         reason: String,
     },
+    /// A spec field Kiln cannot honour; refused rather than ignored.
+    #[error("{field}: {reason}")]
+    Unsupported {
+        /// The field, as a JSON path in config.json (e.g. `linux.resources.blockIO`).
+        field: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
 }
 
-/// Mount types that make sense only for a Linux process; a Wasm guest sees none of them.
-const SKIPPED_MOUNT_TYPES: &[&str] = &[
-    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "shm",
-];
+impl PlanError {
+    pub(crate) fn unsupported(field: &str, reason: impl Into<String>) -> PlanError {
+        PlanError::Unsupported {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What the node offers that some decisions depend on: which Linux security modules are
+/// active. Detected once by the shim; tests set it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Host {
+    /// AppArmor is enabled (`/sys/module/apparmor/parameters/enabled` is `Y`).
+    pub apparmor: bool,
+    /// SELinux is enabled (selinuxfs is mounted).
+    pub selinux: bool,
+    /// The node's cgroup version (1 or 2).
+    pub cgroup_version: u8,
+}
+
+impl Host {
+    /// Reads the machine.
+    pub fn detect() -> Host {
+        let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .map(|s| s.trim() == "Y")
+            .unwrap_or(false);
+        let selinux = Path::new("/sys/fs/selinux/enforce").exists();
+        let cgroup_version = kiln_cgroups::Layout::detect()
+            .map(|l| l.version())
+            .unwrap_or(1);
+        Host {
+            apparmor,
+            selinux,
+            cgroup_version,
+        }
+    }
+}
 
 /// Builds the plan for container `id` from its spec and the host path of its mounted rootfs.
-pub fn plan(id: &str, spec: &Spec, rootfs: &Path) -> Result<Plan, PlanError> {
+pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, PlanError> {
+    fields::check(spec, host)?;
     let process = spec.process().as_ref().ok_or(PlanError::NoProcess)?;
     if process.terminal().unwrap_or(false) {
         return Err(PlanError::Terminal);
@@ -189,8 +239,8 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path) -> Result<Plan, PlanError> {
     let cwd = process.cwd().to_string_lossy().into_owned();
     let cwd = if cwd.is_empty() { "/".to_string() } else { cwd };
 
-    let (module_path, guest_path) = find_entrypoint(name, &env, &cwd, rootfs)?;
-    check_magic(&module_path, &guest_path)?;
+    let (module_path, guest_path) = entrypoint::find(name, &env, &cwd, rootfs)?;
+    let module_kind = entrypoint::kind(&module_path, &guest_path)?;
 
     let mut guest_args = args.clone();
     guest_args[0] = name.to_string();
@@ -204,40 +254,26 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path) -> Result<Plan, PlanError> {
         host: rootfs.to_path_buf(),
         guest: "/".to_string(),
         read_only: read_only_root,
+        no_exec: false,
     }];
+    let mut dev_is_bound = false;
     for m in spec.mounts().iter().flatten() {
-        if let Some(p) = mount_to_preopen(m)? {
+        if let Some(p) = mounts::to_preopen(m)? {
+            dev_is_bound |= p.guest == "/dev";
             preopens.push(p);
         }
     }
+    let cwd_in = mounts::locate_cwd(&preopens, &cwd)?;
 
-    let linux = spec.linux().as_ref();
-    let limits = linux
-        .and_then(|l| l.resources().as_ref())
-        .map(|r| Limits {
-            memory: r.memory().as_ref().and_then(|m| m.limit()),
-            memory_swap: r.memory().as_ref().and_then(|m| m.swap()),
-            cpu_shares: r.cpu().as_ref().and_then(|c| c.shares()),
-            cpu_quota: r.cpu().as_ref().and_then(|c| c.quota()),
-            cpu_period: r.cpu().as_ref().and_then(|c| c.period()),
-            pids: r.pids().as_ref().map(|p| p.limit()),
-        })
-        .unwrap_or_default();
-    let cgroups_path = linux
+    let resources = sandbox::resources(spec, host)?;
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
         .and_then(|l| l.cgroups_path().as_ref())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let namespaces = linux
-        .and_then(|l| l.namespaces().as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|ns| {
-            ns.path().as_ref().map(|path| NamespaceJoin {
-                kind: namespace_kind(ns.typ()).to_string(),
-                path: path.clone(),
-            })
-        })
-        .collect();
+    let namespaces = sandbox::namespaces(spec, module_kind)?;
+    let sandbox = sandbox::sandbox(spec, host, &resources, &namespaces, dev_is_bound)?;
 
     let u = process.user();
     let user = User {
@@ -250,162 +286,19 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path) -> Result<Plan, PlanError> {
     Ok(Plan {
         id: id.to_string(),
         module_path,
+        module_kind,
         entry_func: entry_func.to_string(),
         args: guest_args,
         env,
         cwd,
+        cwd_in,
         preopens,
-        limits,
+        resources,
         cgroups_path,
         namespaces,
         user,
-        no_new_privileges: process.no_new_privileges().unwrap_or(false),
+        sandbox,
     })
-}
-
-/// Splits `path#func` into the path and the export (default `_start`).
-pub fn split_entrypoint(arg0: &str) -> Result<(&str, &str), PlanError> {
-    match arg0.rsplit_once('#') {
-        Some((_, "")) => Err(PlanError::EmptyFunc(arg0.to_string())),
-        Some((path, func)) => Ok((path, func)),
-        None => Ok((arg0, DEFAULT_ENTRY_FUNC)),
-    }
-}
-
-/// Finds the entrypoint: an absolute path in the rootfs; a name with a slash relative to the
-/// cwd; a bare name through the spec's `PATH`, then the cwd. Returns the host path and the
-/// guest path it was found at.
-fn find_entrypoint(
-    name: &str,
-    env: &[(String, String)],
-    cwd: &str,
-    rootfs: &Path,
-) -> Result<(PathBuf, String), PlanError> {
-    let candidates: Vec<String> = if name.starts_with('/') {
-        vec![name.to_string()]
-    } else if name.contains('/') {
-        vec![join_guest(cwd, name)]
-    } else {
-        let path_var = env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("");
-        path_var
-            .split(':')
-            .filter(|d| !d.is_empty())
-            .map(|d| join_guest(d, name))
-            .chain(std::iter::once(join_guest(cwd, name)))
-            .collect()
-    };
-    for guest in &candidates {
-        match resolve_in_root(rootfs, guest) {
-            Ok(host) if host.is_file() => return Ok((host, guest.clone())),
-            Ok(_) => debug!("entrypoint candidate {guest} is not a file"),
-            Err(e) => debug!("entrypoint candidate {guest}: {e}"),
-        }
-    }
-    Err(PlanError::EntrypointNotFound {
-        name: name.to_string(),
-        looked: candidates.join(", "),
-    })
-}
-
-fn join_guest(dir: &str, name: &str) -> String {
-    let dir = if dir.starts_with('/') {
-        dir.to_string()
-    } else {
-        format!("/{dir}")
-    };
-    format!("{}/{}", dir.trim_end_matches('/'), name)
-}
-
-fn check_magic(host: &Path, guest: &str) -> Result<(), PlanError> {
-    use std::io::Read;
-    let read_err = |source| PlanError::ReadEntrypoint {
-        path: guest.to_string(),
-        source,
-    };
-    let mut f = std::fs::File::open(host).map_err(read_err)?;
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = f.read(&mut magic[got..]).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    if got < 4 || &magic != WASM_MAGIC {
-        return Err(PlanError::NotWasm {
-            path: guest.to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// Turns one OCI mount into a preopen, skips the Linux-only kinds, and rejects what cannot be
-/// given to a guest.
-fn mount_to_preopen(m: &oci_spec::runtime::Mount) -> Result<Option<Preopen>, PlanError> {
-    let destination = m.destination().to_string_lossy().into_owned();
-    let typ = m.typ().as_deref().unwrap_or("");
-    let options: Vec<&str> = m.options().iter().flatten().map(String::as_str).collect();
-    let is_bind = typ == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
-    if !is_bind {
-        if SKIPPED_MOUNT_TYPES.contains(&typ) {
-            debug!("mount {destination} ({typ}) has no meaning for a Wasm guest; skipped");
-            return Ok(None);
-        }
-        return Err(PlanError::Mount {
-            destination,
-            reason: format!(
-                "mount type {typ:?} is not supported by Kiln (only bind mounts become guest \
-                 directories)"
-            ),
-        });
-    }
-    let source = m.source().as_ref().ok_or_else(|| PlanError::Mount {
-        destination: destination.clone(),
-        reason: "bind mount without a source".to_string(),
-    })?;
-    let meta = std::fs::metadata(source).map_err(|e| PlanError::Mount {
-        destination: destination.clone(),
-        reason: format!("bind source {}: {e}", source.display()),
-    })?;
-    if !meta.is_dir() {
-        // WASI preopens are directories; a single-file bind (CRI's /etc/hosts, say) cannot be
-        // shown on its own. It is skipped rather than failing every Kubernetes pod.
-        log::info!(
-            "bind mount {} -> {destination} is a file; WASI preopens only directories, skipped",
-            source.display()
-        );
-        return Ok(None);
-    }
-    if !destination.starts_with('/') {
-        return Err(PlanError::Mount {
-            destination,
-            reason: "destination must be an absolute path".to_string(),
-        });
-    }
-    Ok(Some(Preopen {
-        host: source.clone(),
-        guest: destination,
-        read_only: options.contains(&"ro"),
-    }))
-}
-
-fn namespace_kind(t: LinuxNamespaceType) -> &'static str {
-    match t {
-        LinuxNamespaceType::Mount => "mount",
-        LinuxNamespaceType::Cgroup => "cgroup",
-        LinuxNamespaceType::Uts => "uts",
-        LinuxNamespaceType::Ipc => "ipc",
-        LinuxNamespaceType::User => "user",
-        LinuxNamespaceType::Pid => "pid",
-        LinuxNamespaceType::Network => "network",
-        LinuxNamespaceType::Time => "time",
-    }
 }
 
 #[cfg(test)]

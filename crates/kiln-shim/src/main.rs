@@ -15,6 +15,7 @@ mod group;
 mod logging;
 mod manager;
 mod metrics;
+mod seccomp;
 mod server;
 mod service;
 mod zygote_client;

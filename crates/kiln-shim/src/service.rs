@@ -25,7 +25,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::{self, Code};
-use kiln_cgroups::{Cgroup, Layout, Resources};
+use kiln_cgroups::{Cgroup, Layout};
 use kiln_worker::protocol::START_BYTE;
 use kiln_worker::{SpawnRequest, Stdio, WorkerReport};
 use log::{debug, info, warn};
@@ -113,6 +113,7 @@ pub struct Service {
     zygote: Arc<ZygoteClient>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     layout: Mutex<Option<Layout>>,
+    host: std::sync::OnceLock<kiln_plan::Host>,
     cache_root: PathBuf,
     shutdown: Notify,
     /// Set when containers share this shim: its socket address, for the idle exit.
@@ -140,6 +141,7 @@ impl Service {
             zygote,
             containers: Mutex::new(HashMap::new()),
             layout: Mutex::new(None),
+            host: std::sync::OnceLock::new(),
             cache_root,
             shutdown: Notify::new(),
             shared_address,
@@ -210,6 +212,10 @@ impl Service {
             .ok_or_else(|| rpc_err(Code::NOT_FOUND, format!("container {id} not found")))
     }
 
+    fn host(&self) -> &kiln_plan::Host {
+        self.host.get_or_init(kiln_plan::Host::detect)
+    }
+
     fn layout(&self) -> Result<Layout, String> {
         let mut l = self.layout.lock().unwrap_or_else(|p| p.into_inner());
         if l.is_none() {
@@ -266,23 +272,17 @@ impl Service {
                 undo.rootfs = Some(rootfs.clone());
             }
         }
-        let plan = kiln_plan::plan(&req.id, &spec, &rootfs).map_err(|e| e.to_string())?;
+        let plan =
+            kiln_plan::plan(&req.id, &spec, &rootfs, self.host()).map_err(|e| e.to_string())?;
+        let seccomp = crate::seccomp::filter(&plan.sandbox.seccomp)?;
         let t_plan = t0.elapsed();
 
         let layout = self.layout()?;
-        let resources = Resources {
-            memory_limit: plan.limits.memory,
-            memory_swap: plan.limits.memory_swap,
-            cpu_shares: plan.limits.cpu_shares,
-            cpu_quota: plan.limits.cpu_quota,
-            cpu_period: plan.limits.cpu_period,
-            pids_limit: plan.limits.pids,
-        };
         let cgroup = Cgroup::create(
             &layout,
             &plan.cgroups_path,
             &default_cgroup(&self.namespace, &req.id),
-            &resources,
+            &plan.resources,
         )
         .map_err(|e| format!("cgroup: {e}"))?;
         undo.cgroup = Some(cgroup.clone());
@@ -308,6 +308,7 @@ impl Service {
             home_cgroup_procs: layout.own_procs_files(),
             cache_root: self.cache_root.clone(),
             log_path: Some(bundle.join("log")),
+            seccomp,
         };
         let spawned = self.zygote.spawn(spawn).await?;
         undo.pid = Some(spawned.pid);

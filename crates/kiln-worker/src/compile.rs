@@ -1,83 +1,195 @@
-//! Compiling a module in a short-lived child of the worker.
+//! Compiling a module that is not in the cache, by processes that hold nothing of value.
 //!
-//! A worker lives as long as its container. If it compiled the module itself (a cache miss),
-//! it would keep what compiling leaves behind for that whole life: Cranelift's freed heap,
-//! which the allocator does not hand back, and the parallel compiler's thread pool. That was
-//! 11 MiB of PSS per worker against 2 MiB for one that mapped a cached artifact. A child that
-//! compiles, sends the artifact back through a pipe and exits takes all of it with it; the
-//! worker then stores the artifact and maps it like any cache hit.
+//! A module is untrusted input to the compiler. A cache miss is therefore compiled by a child
+//! that first becomes less than the guest: the container's user, no capabilities at all, the
+//! container's rlimits and seccomp filter, no_new_privs, chrooted into an empty read-only
+//! tmpfs, holding no descriptor but the pipe it answers on (no channel to the shim, no stdio
+//! FIFOs, no cache directory). It is also a child because of memory: a worker that compiled
+//! itself would keep Cranelift's freed heap and the parallel compiler's threads for its
+//! container's whole life (11 MiB of PSS against 2 MiB for one that mapped an artifact).
 //!
-//! The child is forked after the worker joined the container's cgroup, so the compilation is
-//! still accounted to (and limited by) the container. Forking is only sound while the worker
-//! has one thread, which is the case during setup; if it ever had more, the module is compiled
-//! in the worker as before.
+//! The compiled bytes are stored by the privileged side, under the key *it* computed from the
+//! module before any compiler ran: the **keeper**, forked from the worker while it is still
+//! root, which keeps only the module, the cache and its pipes. A compiler subverted by a
+//! malicious module can at worst make the artifact of that same module bad, which only
+//! containers of that module load (and which runs with the same confinement as its guest).
+//!
+//! Two ways to start a module that is not cached, chosen by `KILN_FIRST_START`:
+//! * `baseline` (default): the worker's compile child uses Winch, a single-pass compiler, so
+//!   this start does not wait for Cranelift; the keeper leaves the container's cgroup for the
+//!   cache-fill cgroup (CPU and memory limited, see [`FillLimits`]) and, once the worker has
+//!   its module, runs a Cranelift compile child of its own and stores the result, so that
+//!   every later start maps optimized code. The fill outlives a container that ends first.
+//! * `optimized`: the worker's compile child uses Cranelift; the keeper stores its artifact.
+//!
+//! The children are forked while the worker is single-threaded (its whole setup is).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use kiln_cache::CacheError;
+use kiln_cache::{Cache, CacheError};
+use kiln_plan::{CapabilitySets, Rlimit, User};
+use kiln_sandbox::identity::{Final, finish};
+use kiln_sandbox::seccomp::Filter;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, fork, pipe};
-use wasmtime::Engine;
+use nix::unistd::{ForkResult, Pid, fork};
 
-/// First byte of the child's message: an artifact follows (length, then bytes).
+/// First byte of a compile child's answer: an artifact follows (engine byte, length, bytes).
 const ARTIFACT: u8 = 0;
-/// First byte of the child's message: Wasmtime's error text follows.
+/// First byte of a compile child's answer: the compiler's reason for refusing the module.
 const REJECTED: u8 = 1;
 
-/// Returns `engine.precompile_module(wasm)`, computed in a child process when possible.
-pub fn in_child(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, CacheError> {
-    if crate::zygote::thread_count() != 1 {
-        return engine.precompile_module(wasm).map_err(CacheError::Compile);
-    }
-    compile_in_child(engine, wasm, &[])
+/// Which compiler produced an artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compiler {
+    /// Cranelift, with the zygote's engine configuration (what the cache holds).
+    Optimizing,
+    /// Winch, with [`crate::engine::new_baseline_engine`]'s configuration.
+    Baseline,
 }
 
-/// Forks a child that compiles `wasm` with `engine` and sends the artifact (or the compiler's
-/// reason for refusing the module) back through a pipe; waits for it. The child dies with the
-/// worker, and first closes its copies of `close_in_child` (descriptors whose other end must
-/// see the worker's copy alone). The caller guarantees the worker is single-threaded.
-fn compile_in_child(
-    engine: &Engine,
-    wasm: &[u8],
-    close_in_child: &[RawFd],
-) -> Result<Vec<u8>, CacheError> {
-    let (read_end, write_end) = pipe().map_err(|e| CacheError::Compiler(format!("pipe: {e}")))?;
-    // SAFETY: the caller guarantees the worker is single-threaded, so the child is a complete
-    // copy.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(read_end);
-            // SAFETY: closing this child's copies of the parent's descriptors; prctl with
-            // integer arguments: the compile is part of this worker's start and dies with it.
-            unsafe {
-                for &fd in close_in_child {
-                    libc::close(fd);
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+/// What a compile child becomes before it reads the module.
+pub(crate) struct Confinement<'a> {
+    /// Its identity (in the namespace it is in).
+    pub user: User,
+    /// The container's rlimits.
+    pub rlimits: &'a [Rlimit],
+    /// The container's seccomp filter.
+    pub seccomp: Option<&'a Filter>,
+    /// The empty directory it is chrooted into.
+    pub root: RawFd,
+}
+
+/// Closes every descriptor but `keep`. Runs in a freshly forked child that still sees
+/// `/proc`; if it does not, falls back to closing a generous range.
+fn close_all_but(keep: &[RawFd]) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => (0..4096).collect(),
+    };
+    for fd in fds.into_iter().filter(|fd| !keep.contains(fd)) {
+        // SAFETY: closing this child's copies; nothing in it uses them afterwards.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn set_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
+/// A compile child that has been started.
+pub(crate) struct Compile {
+    pid: Pid,
+    answer: File,
+}
+
+impl Compile {
+    /// Forks a child that confines itself as `conf` says, compiles `wasm` (Winch first when
+    /// `baseline`, Cranelift if Winch refuses it or when not `baseline`) and sends the artifact
+    /// back. The caller must be single-threaded; it may do other work before [`Compile::wait`].
+    pub(crate) fn start(
+        engine: &wasmtime::Engine,
+        wasm: &[u8],
+        baseline: bool,
+        conf: &Confinement<'_>,
+    ) -> Result<Compile, CacheError> {
+        let (read_end, write_end) =
+            nix::unistd::pipe().map_err(|e| CacheError::Compiler(format!("pipe: {e}")))?;
+        // SAFETY: the caller guarantees the process is single-threaded, so the child is a
+        // complete copy.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(read_end);
+                let out = write_end.as_raw_fd();
+                close_all_but(&[out, conf.root]);
+                let code = child(engine, wasm, baseline, conf, File::from(write_end));
+                // SAFETY: leaving the forked child without the worker's destructors.
+                unsafe { libc::_exit(code) }
             }
-            let mut out = File::from(write_end);
-            let code = match engine.precompile_module(wasm) {
-                Ok(artifact) if send_artifact(&mut out, &artifact) => 0,
-                Ok(_) => 3,
-                Err(e) => {
-                    let mut msg = vec![REJECTED];
-                    msg.extend_from_slice(format!("{e:#}").as_bytes());
-                    let _ = out.write_all(&msg);
-                    2
-                }
-            };
-            // SAFETY: leaving the forked child without the worker's destructors.
-            unsafe { libc::_exit(code) }
+            Ok(ForkResult::Parent { child }) => {
+                drop(write_end);
+                Ok(Compile {
+                    pid: child,
+                    answer: File::from(read_end),
+                })
+            }
+            Err(e) => Err(CacheError::Compiler(format!("fork: {e}"))),
         }
-        Ok(ForkResult::Parent { child }) => {
-            drop(write_end);
-            let mut msg = Vec::new();
-            let read = File::from(read_end).read_to_end(&mut msg);
-            decode(msg, read.is_ok(), waitpid(child, None))
+    }
+
+    /// The artifact and which compiler made it.
+    pub(crate) fn wait(mut self) -> Result<(Vec<u8>, Compiler), CacheError> {
+        let mut msg = Vec::new();
+        let read = self.answer.read_to_end(&mut msg);
+        decode(msg, read.is_ok(), waitpid(self.pid, None))
+    }
+}
+
+fn child(
+    engine: &wasmtime::Engine,
+    wasm: &[u8],
+    baseline: bool,
+    conf: &Confinement<'_>,
+    mut out: File,
+) -> i32 {
+    let none = CapabilitySets::default();
+    // SAFETY: the root descriptor was kept open for this; the child owns its copy.
+    let root = unsafe { std::os::fd::BorrowedFd::borrow_raw(conf.root) };
+    let confined = finish(
+        &kiln_sandbox::Linux,
+        &Final {
+            user: &conf.user,
+            caps: &none,
+            rlimits: conf.rlimits,
+            root,
+            seccomp: conf.seccomp,
+        },
+    );
+    // SAFETY: the chroot holds the directory now; this child's copy of the descriptor goes.
+    unsafe { libc::close(conf.root) };
+    if let Err(e) = confined {
+        let _ = out.write_all(&[REJECTED]);
+        let _ = out.write_all(format!("could not confine the compiler: {e}").as_bytes());
+        return 4;
+    }
+    // Changing credentials cleared any parent-death signal; the compile belongs to its parent.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    set_name(c"kiln-compile");
+    let mut result = None;
+    if baseline
+        && let Ok(b) = crate::engine::new_baseline_engine()
+        && let Ok(a) = b.precompile_module(wasm)
+    {
+        // Winch does not take every module; Cranelift may take the rest.
+        result = Some((a, Compiler::Baseline));
+    }
+    let result = match result {
+        Some(r) => Ok(r),
+        None => engine
+            .precompile_module(wasm)
+            .map(|a| (a, Compiler::Optimizing)),
+    };
+    match result {
+        Ok((artifact, compiler)) => {
+            let mut head = vec![ARTIFACT, u8::from(compiler == Compiler::Baseline)];
+            head.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
+            match out.write_all(&head).and_then(|()| out.write_all(&artifact)) {
+                Ok(()) => 0,
+                Err(_) => 3,
+            }
         }
-        Err(e) => Err(CacheError::Compiler(format!("fork: {e}"))),
+        Err(e) => {
+            let mut msg = vec![REJECTED];
+            msg.extend_from_slice(format!("{e:#}").as_bytes());
+            let _ = out.write_all(&msg);
+            2
+        }
     }
 }
 
@@ -85,14 +197,16 @@ fn decode(
     msg: Vec<u8>,
     read_ok: bool,
     status: nix::Result<WaitStatus>,
-) -> Result<Vec<u8>, CacheError> {
+) -> Result<(Vec<u8>, Compiler), CacheError> {
     match (msg.first().copied(), status) {
-        (Some(REJECTED), _) => parse(msg),
+        (Some(REJECTED), _) => Err(rejected(&msg)),
         (Some(ARTIFACT), Ok(WaitStatus::Exited(_, 0))) if read_ok => parse(msg),
         (_, Ok(WaitStatus::Signaled(_, sig, _))) => Err(CacheError::Compiler(format!(
             "killed by {sig}{}",
             if sig == nix::sys::signal::Signal::SIGKILL {
                 " (out of memory within the container's memory limit?)"
+            } else if sig == nix::sys::signal::Signal::SIGSYS {
+                " (a system call the seccomp profile forbids)"
             } else {
                 ""
             }
@@ -103,130 +217,230 @@ fn decode(
     }
 }
 
-/// A child's whole message: the artifact, once its announced length has all arrived, or the
-/// compiler's reason for refusing the module.
-fn parse(mut msg: Vec<u8>) -> Result<Vec<u8>, CacheError> {
-    match msg.first().copied() {
-        Some(REJECTED) => Err(CacheError::Compile(wasmtime::Error::msg(
-            String::from_utf8_lossy(&msg[1..]).into_owned(),
-        ))),
-        Some(ARTIFACT) if msg.len() >= 9 => {
-            let mut len = [0u8; 8];
-            len.copy_from_slice(&msg[1..9]);
-            let len = u64::from_le_bytes(len);
-            if msg.len() as u64 - 9 != len {
-                return Err(CacheError::Compiler(format!(
-                    "sent {} of {len} artifact bytes",
-                    msg.len() - 9
-                )));
-            }
-            msg.drain(..9);
-            Ok(msg)
-        }
-        _ => Err(CacheError::Compiler("sent nothing".to_string())),
+fn rejected(msg: &[u8]) -> CacheError {
+    let text = String::from_utf8_lossy(&msg[1..]).into_owned();
+    if text.starts_with("could not confine") {
+        CacheError::Compiler(text)
+    } else {
+        CacheError::Compile(wasmtime::Error::msg(text))
     }
 }
 
-/// What a first start with the baseline compiler needs besides the module.
-pub struct Baseline<'a> {
-    /// The optimizing engine, whose artifact goes into the cache.
-    pub engine: &'a Engine,
+/// A child's whole answer: the artifact, once its announced length has all arrived.
+fn parse(mut msg: Vec<u8>) -> Result<(Vec<u8>, Compiler), CacheError> {
+    if msg.len() < 10 {
+        return Err(CacheError::Compiler("sent a short answer".to_string()));
+    }
+    let compiler = if msg[1] == 1 {
+        Compiler::Baseline
+    } else {
+        Compiler::Optimizing
+    };
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&msg[2..10]);
+    let len = u64::from_le_bytes(len);
+    if msg.len() as u64 - 10 != len {
+        return Err(CacheError::Compiler(format!(
+            "sent {} of {len} artifact bytes",
+            msg.len() - 10
+        )));
+    }
+    msg.drain(..10);
+    Ok((msg, compiler))
+}
+
+/// The cache fill's cgroup limits, from containerd's environment: `KILN_FILL_CPUS` (CPUs, may
+/// be fractional; default 1) and `KILN_FILL_MEMORY` (bytes; default 1 GiB). Every cache fill
+/// of the node shares the cgroup `/kiln/cache-fill`, so these bound them together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct FillLimits {
+    /// CPUs.
+    pub cpus: f64,
+    /// Bytes.
+    pub memory: i64,
+}
+
+impl FillLimits {
+    pub(crate) fn from_env() -> FillLimits {
+        let cpus = std::env::var("KILN_FILL_CPUS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|c| *c > 0.0)
+            .unwrap_or(1.0);
+        let memory = std::env::var("KILN_FILL_MEMORY")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|m| *m > 0)
+            .unwrap_or(1 << 30);
+        FillLimits { cpus, memory }
+    }
+
+    fn resources(self) -> kiln_cgroups::Resources {
+        const PERIOD: u64 = 100_000;
+        kiln_cgroups::Resources {
+            memory_limit: Some(self.memory),
+            cpu_quota: Some((self.cpus * PERIOD as f64) as i64),
+            cpu_period: Some(PERIOD),
+            ..kiln_cgroups::Resources::default()
+        }
+    }
+}
+
+/// The cgroup every cache fill of the node runs in.
+pub(crate) const FILL_CGROUP: &str = "/kiln/cache-fill";
+
+/// The keeper of a cache miss (see the module docs), as the worker holds it.
+pub(crate) struct Keeper {
+    pid: Pid,
+    ctl: File,
+    /// Baseline mode: closes once the keeper has left the container's cgroup.
+    moved: Option<File>,
+}
+
+/// What the keeper needs.
+pub(crate) struct KeeperArgs<'a> {
+    /// The optimizing engine.
+    pub engine: &'a wasmtime::Engine,
     /// The cache to fill.
-    pub cache: &'a kiln_cache::Cache,
-    /// The `cgroup.procs` files of the shim's own cgroups, where the background compile moves
-    /// to once the container's own work is done.
-    pub home_cgroup_procs: &'a [std::path::PathBuf],
+    pub cache: &'a Cache,
+    /// The module.
+    pub wasm: &'a [u8],
+    /// Baseline mode: fill in the background; otherwise store what the worker sends.
+    pub baseline: bool,
+    /// Its compile child's confinement (identity mapped to the host's ids: the keeper stays in
+    /// the host's namespaces).
+    pub confinement: Confinement<'a>,
 }
 
-/// A first start of a module that is not in the cache: compiles it with the baseline engine
-/// in a child and returns that module; meanwhile a second child leaves the container's cgroup,
-/// compiles the module with the optimizing engine at low priority and stores it in the cache,
-/// so the next start maps it.
-///
-/// The baseline compile is the container's work and is accounted to it; the cache fill is the
-/// node's (every later start of the module on the node profits), and it must outlive a
-/// container that exits before the fill is done (a short job would otherwise never get its
-/// module cached), so it runs in the shim's cgroup, like an image pull runs in containerd's.
-/// The worker does not start the guest before the fill has left the container's cgroup: a
-/// guest that exits at once would otherwise have its cgroup, fill included, killed by Delete.
-/// A concurrent first start of the same module finds the fill lock held and skips the fill.
-///
-/// `None` when the baseline path is not possible (a worker with threads, the baseline engine
-/// or compiler refusing the module); the caller then compiles the usual way, which also gives
-/// the error message for an invalid module.
-pub fn baseline_first_start(b: &Baseline<'_>, wasm: &[u8]) -> Option<wasmtime::Module> {
-    if crate::zygote::thread_count() != 1 {
-        return None;
-    }
-    let baseline = match crate::engine::new_baseline_engine() {
-        Ok(e) => e,
-        Err(e) => {
-            log::warn!("baseline compiler unavailable: {e:#}");
-            return None;
+const GO: u8 = b'g';
+
+impl Keeper {
+    /// Forks the keeper. The worker must be root, single-threaded, and not yet in the
+    /// container's namespaces.
+    pub(crate) fn spawn(args: &KeeperArgs<'_>) -> Result<Keeper, String> {
+        let (ctl_read, ctl_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (moved_read, moved_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+        // SAFETY: the worker is single-threaded during setup (checked by the caller).
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(ctl_write);
+                drop(moved_read);
+                close_all_but(&[
+                    ctl_read.as_raw_fd(),
+                    moved_write.as_raw_fd(),
+                    args.confinement.root,
+                ]);
+                let code = keeper_main(args, File::from(ctl_read), File::from(moved_write));
+                // SAFETY: leaving the forked child without the worker's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            Ok(ForkResult::Parent { child }) => Ok(Keeper {
+                pid: child,
+                ctl: File::from(ctl_write),
+                moved: args.baseline.then(|| File::from(moved_read)),
+            }),
+            Err(e) => Err(format!("fork the cache keeper: {e}")),
         }
-    };
-    if crate::zygote::thread_count() != 1 {
-        // Building an engine starts no thread today; if a Wasmtime upgrade changed that,
-        // forking below would be unsound.
-        log::warn!("the baseline engine started a thread; compiling without it");
-        return None;
     }
-    let (fill_read, fill_write) = pipe().ok()?;
-    // Closed by the worker once it has the baseline module: the fill's compile then no longer
-    // competes with the one the start is waiting for.
-    let (go_read, go_write) = pipe().ok()?;
-    // SAFETY: the worker is single-threaded (checked above), so the child is a complete copy.
-    let filler = match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(fill_read);
-            drop(go_write);
-            let code = fill_cache(b, wasm, File::from(fill_write), File::from(go_read));
-            // SAFETY: leaving the forked child without the worker's destructors.
-            unsafe { libc::_exit(code) }
+
+    /// Baseline mode: the worker has its module; the keeper may start the optimizing compile.
+    /// Returns once the keeper is out of the container's cgroup (or gave up); the guest must
+    /// not start before, or a guest that exits at once would have the fill killed with its
+    /// cgroup.
+    pub(crate) fn go(mut self) -> bool {
+        let moved = match self.moved.take() {
+            Some(mut m) => {
+                let mut buf = Vec::new();
+                let _ = m.read_to_end(&mut buf);
+                !buf.is_empty()
+            }
+            None => false,
+        };
+        if moved {
+            let _ = self.ctl.write_all(&[GO]);
+        } else {
+            log::warn!("the cache fill could not leave the container's cgroup; not filling");
         }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(_) => return None,
-    };
-    drop(fill_write);
-    drop(go_read);
-    // Still single-threaded: the filler is a separate process.
-    let compiled = compile_in_child(
-        &baseline,
-        wasm,
-        &[fill_read.as_raw_fd(), go_write.as_raw_fd()],
-    );
-    drop(go_write);
-    let artifact = match compiled {
-        Ok(a) => a,
-        Err(e) => {
-            log::info!("the baseline compiler did not take the module ({e}); compiling fully");
-            // The full compile that follows stores the artifact itself.
-            let _ = nix::sys::signal::kill(filler, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(filler, None);
-            return None;
-        }
-    };
-    // Wait until the filler is out of the container's cgroup (it closes its end then, or
-    // when it gives up). It is not waited for otherwise: the shim, as subreaper, reaps it if
-    // it outlives this worker.
-    let mut moved = Vec::new();
-    let _ = File::from(fill_read).read_to_end(&mut moved);
-    if moved.is_empty() {
-        log::warn!("the background compile could not leave the container's cgroup; not filling");
+        moved
     }
-    // SAFETY: produced just now by `baseline`'s precompile_module in our child, and received
-    // whole (length and exit status checked by `decode`).
-    unsafe { wasmtime::Module::deserialize(&baseline, &artifact) }
-        .map_err(|e| log::warn!("baseline artifact rejected: {e:#}"))
-        .ok()
+
+    /// Optimized mode: hands the artifact over and waits until it is stored.
+    pub(crate) fn store(mut self, artifact: &[u8]) -> bool {
+        let mut head = vec![b'a'];
+        head.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
+        let sent = self
+            .ctl
+            .write_all(&head)
+            .and_then(|()| self.ctl.write_all(artifact))
+            .is_ok();
+        drop(self.ctl);
+        matches!(waitpid(self.pid, None), Ok(WaitStatus::Exited(_, 0))) && sent
+    }
 }
 
-fn send_artifact(out: &mut File, artifact: &[u8]) -> bool {
-    let mut head = vec![ARTIFACT];
-    head.extend_from_slice(&(artifact.len() as u64).to_le_bytes());
-    out.write_all(&head)
-        .and_then(|()| out.write_all(artifact))
-        .is_ok()
+/// The keeper: root, outside the container's namespaces, holding only its pipes and the empty
+/// root its compile child is chrooted into.
+fn keeper_main(args: &KeeperArgs<'_>, mut ctl: File, mut moved: File) -> i32 {
+    retitle(&format!("kiln-cache-fill {}", Cache::key(args.wasm)));
+    if args.baseline {
+        // SAFETY: setpriority with integer arguments: the fill yields to the containers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        if join_fill_cgroup().is_err() {
+            // Still in the container's cgroup: its deletion would kill the fill halfway.
+            return 4;
+        }
+        let _ = moved.write_all(b"1");
+    }
+    drop(moved);
+    let mut kind = [0u8; 1];
+    if ctl.read_exact(&mut kind).is_err() {
+        return 0;
+    }
+    match kind[0] {
+        GO => {
+            let Some(_lock) = args.cache.try_lock_fill(args.wasm) else {
+                return 0;
+            };
+            if args.cache.lookup(args.engine, args.wasm).is_some() {
+                return 0;
+            }
+            let compiled = Compile::start(args.engine, args.wasm, false, &args.confinement)
+                .and_then(Compile::wait);
+            match compiled {
+                Ok((artifact, Compiler::Optimizing)) => store(args, &artifact),
+                _ => 6,
+            }
+        }
+        b'a' => {
+            let mut len = [0u8; 8];
+            if ctl.read_exact(&mut len).is_err() {
+                return 5;
+            }
+            let mut artifact = vec![0u8; u64::from_le_bytes(len) as usize];
+            if ctl.read_exact(&mut artifact).is_err() {
+                return 5;
+            }
+            store(args, &artifact)
+        }
+        _ => 5,
+    }
+}
+
+fn store(args: &KeeperArgs<'_>, artifact: &[u8]) -> i32 {
+    match args.cache.store_artifact(args.wasm, artifact) {
+        Ok(()) => 0,
+        Err(_) => 5,
+    }
+}
+
+/// Moves the calling process into the node's cache-fill cgroup, creating it with its limits.
+fn join_fill_cgroup() -> Result<(), String> {
+    let layout = kiln_cgroups::Layout::detect().map_err(|e| e.to_string())?;
+    let limits = FillLimits::from_env();
+    let cg = kiln_cgroups::Cgroup::create(&layout, FILL_CGROUP, FILL_CGROUP, &limits.resources())
+        .map_err(|e| e.to_string())?;
+    cg.add_pid(std::process::id() as i32)
+        .map_err(|e| e.to_string())
 }
 
 /// Renames this process (its `comm` and its command line): the fill outlives the container it
@@ -234,8 +448,7 @@ fn send_artifact(out: &mut File, artifact: &[u8]) -> bool {
 /// a container's processes by the id in their command line (it inherited the shim's argv).
 fn retitle(title: &str) {
     if let Ok(name) = std::ffi::CString::new(&title.as_bytes()[..title.len().min(15)]) {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        set_name(&name);
     }
     // /proc/self/stat fields 48 and 49 (after the parenthesised comm) are the bounds of the
     // argv area that /proc/self/cmdline shows.
@@ -268,84 +481,41 @@ fn retitle(title: &str) {
     }
 }
 
-/// The cache fill, in its own child: leave the container's cgroup (then say so on `moved`),
-/// wait until the worker has its baseline module (`go` closes), compile with the optimizing
-/// engine and store the artifact. Started alongside the baseline compile, the fill made it
-/// about twice as slow on a 2-core node (0.59 s instead of 0.31 s for a 1.9 MB module).
-fn fill_cache(b: &Baseline<'_>, wasm: &[u8], mut moved: File, mut go: File) -> i32 {
-    // Let go of everything the worker holds for its container (stdio FIFOs, the channel to the
-    // shim, the log pipe): the container's output must end when its worker does, and the shim
-    // must see the worker's channel close when the worker exits.
-    let keep = [moved.as_raw_fd(), go.as_raw_fd()];
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    for fd in fds.into_iter().filter(|fd| !keep.contains(fd)) {
-        // SAFETY: closing descriptors this child owns copies of; nothing in it uses them.
-        unsafe { libc::close(fd) };
-    }
-    // SAFETY: setpriority with integer arguments: the fill yields to the containers.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    retitle(&format!("kiln-cache-fill {}", kiln_cache::Cache::key(wasm)));
-    let pid = std::process::id().to_string();
-    for procs in b.home_cgroup_procs {
-        if std::fs::write(procs, &pid).is_err() {
-            // Still in the container's cgroup: its deletion would kill the fill halfway.
-            return 4;
-        }
-    }
-    let _ = moved.write_all(b"1");
-    drop(moved);
-    // Wait for the worker to have its baseline module (or to be gone).
-    let _ = go.read_to_end(&mut Vec::new());
-    let Some(_lock) = b.cache.try_lock_fill(wasm) else {
-        return 0;
-    };
-    if b.cache.lookup(b.engine, wasm).is_some() {
-        return 0;
-    }
-    match b.engine.precompile_module(wasm) {
-        Ok(artifact) => match b.cache.store_artifact(wasm, &artifact) {
-            Ok(()) => 0,
-            Err(_) => 5,
-        },
-        Err(_) => 6,
-    }
+/// An empty, read-only directory for a compile child's root.
+pub(crate) fn empty_root() -> Result<OwnedFd, String> {
+    kiln_sandbox::mounts::device_dir(&[]).map_err(|e| format!("empty root for the compiler: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use nix::sys::signal::Signal;
-    use nix::unistd::Pid;
 
     fn exited(code: i32) -> nix::Result<WaitStatus> {
         Ok(WaitStatus::Exited(Pid::from_raw(1), code))
     }
 
+    fn answer(compiler: u8, len: u64, body: &[u8]) -> Vec<u8> {
+        let mut msg = vec![ARTIFACT, compiler];
+        msg.extend_from_slice(&len.to_le_bytes());
+        msg.extend_from_slice(body);
+        msg
+    }
+
     #[test]
-    fn a_whole_artifact_is_returned() {
-        let mut msg = vec![ARTIFACT];
-        msg.extend_from_slice(&3u64.to_le_bytes());
-        msg.extend_from_slice(b"abc");
-        assert_eq!(decode(msg, true, exited(0)).expect("artifact"), b"abc");
+    fn a_whole_artifact_is_returned_with_its_compiler() {
+        let (a, c) = decode(answer(1, 3, b"abc"), true, exited(0)).expect("artifact");
+        assert_eq!((a.as_slice(), c), (&b"abc"[..], Compiler::Baseline));
+        let (_, c) = decode(answer(0, 3, b"abc"), true, exited(0)).expect("artifact");
+        assert_eq!(c, Compiler::Optimizing);
     }
 
     #[test]
     fn a_short_or_unfinished_artifact_is_an_error() {
-        let mut msg = vec![ARTIFACT];
-        msg.extend_from_slice(&4u64.to_le_bytes());
-        msg.extend_from_slice(b"abc");
-        let err = decode(msg.clone(), true, exited(0)).unwrap_err();
+        let err = decode(answer(0, 4, b"abc"), true, exited(0)).unwrap_err();
         assert!(err.to_string().contains("3 of 4"), "{err}");
         // A whole message from a child that did not exit 0 is not trusted either.
-        let mut whole = msg;
-        whole.push(b'd');
-        assert!(decode(whole, true, exited(3)).is_err());
+        assert!(decode(answer(0, 3, b"abc"), true, exited(3)).is_err());
         let killed = Ok(WaitStatus::Signaled(
             Pid::from_raw(1),
             Signal::SIGKILL,
@@ -362,5 +532,18 @@ mod tests {
         let err = decode(msg, true, exited(2)).unwrap_err();
         assert!(matches!(err, CacheError::Compile(_)));
         assert!(err.to_string().contains("magic header"), "{err}");
+    }
+
+    #[test]
+    fn fill_limits_default_and_read_the_environment() {
+        let l = FillLimits::from_env();
+        assert!(l.cpus > 0.0 && l.memory > 0);
+        let r = FillLimits {
+            cpus: 0.5,
+            memory: 256 << 20,
+        }
+        .resources();
+        assert_eq!((r.cpu_quota, r.cpu_period), (Some(50_000), Some(100_000)));
+        assert_eq!(r.memory_limit, Some(256 << 20));
     }
 }

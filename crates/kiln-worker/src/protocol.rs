@@ -53,6 +53,10 @@ pub struct SpawnRequest {
     pub cache_root: PathBuf,
     /// The container's log pipe (containerd's `log` FIFO in its bundle), if any.
     pub log_path: Option<PathBuf>,
+    /// The seccomp filter the worker loads last (compiled by the shim from the spec's profile
+    /// or Kiln's allowlist); `None` when turned off.
+    #[serde(default)]
+    pub seccomp: Option<kiln_sandbox::seccomp::Filter>,
 }
 
 /// Zygote → shim.

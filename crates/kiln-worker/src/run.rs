@@ -48,11 +48,67 @@ pub fn memory_cap(limit: Option<i64>) -> Option<usize> {
     usize::try_from(limit - reserve).ok()
 }
 
+/// The guest's WASI context: args, env, stdio, and its directories, each opened through the
+/// worker's detached mount of it (`dirs`, index-aligned with `plan.preopens`), plus its `/dev`
+/// and its working directory. Called before the worker is chrooted: the directories are
+/// opened by `/proc/self/fd` path, the one way wasmtime-wasi takes a preopen.
+pub(crate) fn wasi_ctx(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<WasiP1Ctx, String> {
+    let mut b = WasiCtxBuilder::new();
+    b.args(&plan.args);
+    b.envs(&plan.env);
+    b.inherit_stdio();
+    // File I/O on the guest's own thread: a worker runs one guest, there is nothing to gain
+    // from handing each read to a thread pool.
+    b.allow_blocking_current_thread(true);
+    let perms = |read_only: bool| {
+        if read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        }
+    };
+    for (p, fd) in plan.preopens.iter().zip(&dirs.preopens) {
+        b.preopened_dir(
+            kiln_sandbox::mounts::fd_path(fd),
+            &p.guest,
+            perms(p.read_only),
+        )
+        .map_err(|e| format!("open {} for {}: {e:#}", p.host.display(), p.guest))?;
+    }
+    if let Some(dev) = &dirs.dev {
+        // Read-write for WASI (a guest writes to /dev/null); the mount itself is read-only,
+        // so nothing can be created there.
+        b.preopened_dir(
+            kiln_sandbox::mounts::fd_path(dev),
+            "/dev",
+            FsPerms::ReadWrite,
+        )
+        .map_err(|e| format!("open the guest's /dev: {e:#}"))?;
+    }
+    let (index, rel) = &plan.cwd_in;
+    if plan.cwd != "/" {
+        // WASI preview 1 has no working directory; wasi-libc resolves relative paths through
+        // a preopen named ".", so the spec's cwd is offered as one. Created when missing, as
+        // runc creates it.
+        let holder = plan
+            .preopens
+            .get(*index)
+            .ok_or_else(|| format!("working directory {}: no such preopen", plan.cwd))?;
+        let dir = kiln_sandbox::mounts::fd_path(&dirs.preopens[*index]).join(rel);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("create working directory {}: {e}", plan.cwd))?;
+        b.preopened_dir(&dir, ".", perms(holder.read_only))
+            .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
+    }
+    Ok(b.build_p1())
+}
+
 /// Links `module` (compiled by any of Kiln's engines: the optimizing one, or the baseline one
-/// for a first start) with WASI and prepares its context.
-pub(crate) fn prepare(
+/// for a first start) with WASI, after checking its entrypoint.
+pub(crate) fn link(
     module: Module,
     plan: &Plan,
+    wasi: WasiP1Ctx,
     cache: String,
     load_us: u64,
 ) -> Result<Prepared, String> {
@@ -96,42 +152,12 @@ pub(crate) fn prepare(
     let pre = linker
         .instantiate_pre(&module)
         .map_err(|e| format!("{guest} cannot be linked with WASI preview 1: {e:#}"))?;
-
-    let mut b = WasiCtxBuilder::new();
-    b.args(&plan.args);
-    b.envs(&plan.env);
-    b.inherit_stdio();
-    // File I/O on the guest's own thread: a worker runs one guest, there is nothing to gain
-    // from handing each read to a thread pool.
-    b.allow_blocking_current_thread(true);
-    for p in &plan.preopens {
-        let perms = if p.read_only {
-            FsPerms::ReadOnly
-        } else {
-            FsPerms::ReadWrite
-        };
-        b.preopened_dir(&p.host, &p.guest, perms)
-            .map_err(|e| format!("open {} for {}: {e:#}", p.host.display(), p.guest))?;
-    }
-    if plan.cwd != "/" {
-        // WASI preview 1 has no working directory; wasi-libc resolves relative paths through
-        // a preopen named ".", so the spec's cwd is offered as one.
-        let root = &plan.preopens[0];
-        let host = kiln_plan::resolve_in_root(&root.host, &plan.cwd).map_err(|e| e.to_string())?;
-        let perms = if root.read_only {
-            FsPerms::ReadOnly
-        } else {
-            FsPerms::ReadWrite
-        };
-        b.preopened_dir(&host, ".", perms)
-            .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
-    }
     Ok(Prepared {
         id: plan.id.clone(),
         entry: plan.entry_func.clone(),
         pre,
-        wasi: b.build_p1(),
-        memory_cap: memory_cap(plan.limits.memory),
+        wasi,
+        memory_cap: memory_cap(plan.resources.memory_limit),
         cache,
         load_us,
     })
@@ -222,35 +248,30 @@ mod tests {
     "#;
 
     fn plan(func: &str, memory: Option<i64>, root: &std::path::Path) -> Plan {
-        Plan {
-            id: "unit".to_string(),
-            module_path: root.join("m.wasm"),
-            entry_func: func.to_string(),
-            args: vec!["/m.wasm".to_string()],
-            env: vec![],
-            cwd: "/".to_string(),
-            preopens: vec![kiln_plan::Preopen {
-                host: root.to_path_buf(),
-                guest: "/".to_string(),
-                read_only: false,
-            }],
-            limits: kiln_plan::Limits {
-                memory,
-                ..Default::default()
-            },
-            cgroups_path: String::new(),
-            namespaces: vec![],
-            user: Default::default(),
-            no_new_privileges: true,
+        let wasm = wat::parse_str(WAT).expect("wat");
+        std::fs::write(root.join("m.wasm"), wasm).expect("write module");
+        let mut spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": [format!("/m.wasm#{func}")], "cwd": "/",
+                        "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": {}
+        });
+        if let Some(m) = memory {
+            spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": m}});
         }
+        let spec = serde_json::from_value(spec).expect("spec");
+        kiln_plan::plan("unit", &spec, root, &kiln_plan::Host::default()).expect("plan")
     }
 
     fn status(func: &str, memory: Option<i64>) -> Result<i32, String> {
         let engine = Engine::default();
         let root = tempfile::tempdir().expect("tempdir");
-        let wasm = wat::parse_str(WAT).expect("wat");
-        let module = Module::new(&engine, wasm).expect("module");
-        let p = prepare(module, &plan(func, memory, root.path()), String::new(), 0)?;
+        let plan = plan(func, memory, root.path());
+        let module = Module::from_file(&engine, &plan.module_path).expect("module");
+        let dirs = crate::worker::Dirs::open(&plan)?;
+        let wasi = wasi_ctx(&plan, &dirs)?;
+        let p = link(module, &plan, wasi, String::new(), 0)?;
         Ok(run(p))
     }
 

@@ -1,24 +1,35 @@
 //! The worker: one process per container, forked by the zygote.
 //!
-//! Setup happens at Create, in the order the kernel needs: join the cgroup first (so
-//! everything after, compile included, is accounted to the container; on cgroup v2 the zygote
-//! has already cloned the worker into it, and there is nothing to join), bind stdio, load the
-//! module (as root, while the host's cache directory is still reachable), open the preopened
-//! directories, then join namespaces and drop to the container's user. The worker then tells
-//! the shim it is ready and waits: guest code runs only after containerd's Start, as with
-//! runc's create/start split, so that tools may set the container up between the two using its
-//! real pid.
+//! Setup happens at Create, in the order the kernel needs:
+//! 1. join the cgroup (so that everything after, compile included, is accounted to the
+//!    container; on cgroup v2 the zygote has already cloned the worker into it);
+//! 2. what needs root and the host's view: oom_score_adj and io priority, stdio (containerd's
+//!    FIFOs), the module and the compile cache, and the guest's directories as detached mounts
+//!    (`nodev`, read-only where asked; its `/dev`);
+//! 3. on a cache miss, the keeper that will store the compiled module (see `compile`);
+//! 4. the namespaces, hostname and sysctls; the AppArmor profile;
+//! 5. the WASI context (preopens opened through the detached mounts);
+//! 6. on a miss, the compile child, which confines itself further;
+//! 7. the privilege drop, in runc's order, ending with the seccomp filter
+//!    (`kiln_sandbox::identity`);
+//! 8. the compiled module, linked and checked.
+//!
+//! The worker then tells the shim it is ready and waits: guest code runs only after
+//! containerd's Start, as with runc's create/start split, so that tools may set the container
+//! up between the two using its real pid.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use kiln_cache::{Cache, CacheError, Outcome};
+use kiln_plan::{ModuleKind, Plan};
+use kiln_sandbox::mounts::{Attrs, clone_tree, device_dir};
 use log::debug;
-use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
-use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
 
+use crate::compile::{Compile, Compiler, Confinement, Keeper, KeeperArgs};
 use crate::protocol::{START_BYTE, SpawnRequest, WorkerReport};
 use crate::{EXIT_SETUP_FAILED, run};
 
@@ -64,74 +75,39 @@ fn report(chan: &mut UnixStream, r: &WorkerReport) {
     }
 }
 
-fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared, String> {
-    let plan = &req.plan;
-    let t0 = Instant::now();
-    let pid = std::process::id().to_string();
-    for procs in &req.cgroup_procs {
-        std::fs::write(procs, &pid).map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
-    }
-    let t_cgroup = t0.elapsed();
-    crate::stdio::install(&req.stdio)?;
-    debug!(
-        "worker {}: joined cgroup in {t_cgroup:?}, stdio bound at {:?}",
-        plan.id,
-        t0.elapsed()
-    );
+/// The guest's directories, as detached mounts held by descriptor.
+pub(crate) struct Dirs {
+    /// One per `plan.preopens`, the rootfs first.
+    pub preopens: Vec<OwnedFd>,
+    /// The guest's `/dev`, unless the spec binds its own.
+    pub dev: Option<OwnedFd>,
+}
 
-    let started = Instant::now();
-    let cache = kiln_cache::Cache::open(&req.cache_root, engine);
-    let wasm = std::fs::read(&plan.module_path).map_err(|source| {
-        describe_load_error(
-            plan,
-            kiln_cache::CacheError::Read {
-                path: plan.module_path.clone(),
-                source,
-            },
-        )
-    })?;
-    let (module, outcome) = match cache.lookup(engine, &wasm) {
-        Some(m) => (m, kiln_cache::Outcome::Hit),
-        None => {
-            let baseline = (cache.dir().is_some() && baseline_first_start())
-                .then(|| {
-                    let b = crate::compile::Baseline {
-                        engine,
-                        cache: &cache,
-                        home_cgroup_procs: &req.home_cgroup_procs,
-                    };
-                    crate::compile::baseline_first_start(&b, &wasm)
-                })
-                .flatten();
-            match baseline {
-                Some(m) => (m, kiln_cache::Outcome::Baseline),
-                None => cache
-                    .load_bytes_with(engine, &wasm, crate::compile::in_child)
-                    .map_err(|e| describe_load_error(plan, e))?,
-            }
-        }
-    };
-    drop(wasm);
-    let load_us = started.elapsed().as_micros() as u64;
-    debug!(
-        "worker {}: module {} loaded ({outcome:?}) in {load_us} us",
-        plan.id,
-        plan.module_path.display()
-    );
-    let prepared = run::prepare(module, plan, format!("{outcome:?}").to_lowercase(), load_us)?;
-
-    for ns in plan.namespaces.iter().filter(|n| n.kind == "user") {
-        join(&ns.kind, &ns.path)?;
+impl Dirs {
+    /// Opens them; needs root (CAP_SYS_ADMIN) and the host's mount namespace.
+    pub(crate) fn open(plan: &Plan) -> Result<Dirs, String> {
+        let nodev = plan.sandbox.nodev;
+        let preopens = plan
+            .preopens
+            .iter()
+            .map(|p| {
+                clone_tree(
+                    &p.host,
+                    Attrs {
+                        read_only: p.read_only,
+                        no_exec: p.no_exec,
+                        no_dev: nodev,
+                    },
+                )
+                .map_err(|e| format!("{} for {}: {e}", p.host.display(), p.guest))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let dev = match &plan.sandbox.dev_nodes {
+            Some(nodes) => Some(device_dir(nodes).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(Dirs { preopens, dev })
     }
-    for ns in plan
-        .namespaces
-        .iter()
-        .filter(|n| n.kind != "user" && n.kind != "pid")
-    {
-        join(&ns.kind, &ns.path)?;
-    }
-    set_user(plan)?;
-    Ok(prepared)
 }
 
 /// `KILN_FIRST_START` in containerd's environment: `baseline` (the default) starts a module
@@ -150,75 +126,204 @@ fn baseline_first_start() -> bool {
     }
 }
 
-fn describe_load_error(plan: &kiln_plan::Plan, e: kiln_cache::CacheError) -> String {
-    let is_component = std::fs::File::open(&plan.module_path)
-        .and_then(|mut f| {
-            let mut head = [0u8; 8];
-            f.read_exact(&mut head).map(|()| head)
-        })
-        .map(|h| h[4..8] != [1, 0, 0, 0])
-        .unwrap_or(false);
-    let guest = plan.args.first().cloned().unwrap_or_default();
-    if is_component {
-        format!(
-            "{guest} is a WebAssembly component; Kiln runs WASI preview 1 core modules \
-             (build for wasm32-wasip1)"
-        )
-    } else {
-        format!("cannot load {guest}: {e}")
-    }
-}
-
-fn join(kind: &str, path: &std::path::Path) -> Result<(), String> {
-    let flag = match kind {
-        "network" => CloneFlags::CLONE_NEWNET,
-        "ipc" => CloneFlags::CLONE_NEWIPC,
-        "uts" => CloneFlags::CLONE_NEWUTS,
-        "mount" => CloneFlags::CLONE_NEWNS,
-        "user" => CloneFlags::CLONE_NEWUSER,
-        "cgroup" => CloneFlags::CLONE_NEWCGROUP,
-        other => {
-            return Err(format!(
-                "joining a {other} namespace is not supported by Kiln"
-            ));
+/// The container's user as the host sees it: mapped through the spec's id maps when the
+/// worker creates a user namespace. The keeper's compile child stays in the host's namespaces.
+fn host_user(plan: &Plan) -> kiln_plan::User {
+    let map = |id: u32, maps: &[kiln_plan::IdMap]| {
+        if maps.is_empty() {
+            return id;
         }
+        maps.iter()
+            .find(|m| id >= m.container_id && id - m.container_id < m.size)
+            .map(|m| m.host_id + (id - m.container_id))
+            .unwrap_or(65534)
     };
-    let f = std::fs::File::open(path)
-        .map_err(|e| format!("open {kind} namespace {}: {e}", path.display()))?;
-    setns(f.as_fd(), flag).map_err(|e| format!("join {kind} namespace {}: {e}", path.display()))
-}
-
-fn set_user(plan: &kiln_plan::Plan) -> Result<(), String> {
     let u = &plan.user;
-    if let Some(mask) = u.umask {
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
-            mask as libc::mode_t,
-        ));
-    }
-    let me = Uid::effective();
-    if me.is_root() {
-        let groups: Vec<Gid> = u
+    let s = &plan.sandbox;
+    kiln_plan::User {
+        uid: map(u.uid, &s.uid_mappings),
+        gid: map(u.gid, &s.gid_mappings),
+        additional_gids: u
             .additional_gids
             .iter()
-            .map(|g| Gid::from_raw(*g))
-            .collect();
-        setgroups(&groups).map_err(|e| format!("setgroups {:?}: {e}", u.additional_gids))?;
-        setgid(Gid::from_raw(u.gid)).map_err(|e| format!("setgid {}: {e}", u.gid))?;
-        setuid(Uid::from_raw(u.uid)).map_err(|e| format!("setuid {}: {e}", u.uid))?;
-    } else if me.as_raw() != u.uid {
+            .map(|g| map(*g, &s.gid_mappings))
+            .collect(),
+        umask: u.umask,
+    }
+}
+
+fn write_proc_self(file: &str, value: &str) -> Result<(), String> {
+    std::fs::write(format!("/proc/self/{file}"), value)
+        .map_err(|e| format!("set {file} to {value}: {e}"))
+}
+
+fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared, String> {
+    let plan = &req.plan;
+    let t0 = Instant::now();
+    // Every fork below (keeper, compile children, id-map helper) is only sound in a
+    // single-threaded process; the zygote guarantees it, and it is checked once here.
+    let threads = crate::zygote::thread_count();
+    if threads != 1 {
+        return Err(format!("the worker has {threads} threads during setup"));
+    }
+    let pid = std::process::id().to_string();
+    for procs in &req.cgroup_procs {
+        std::fs::write(procs, &pid).map_err(|e| format!("join cgroup {}: {e}", procs.display()))?;
+    }
+    let t_cgroup = t0.elapsed();
+    if let Some(adj) = plan.sandbox.oom_score_adj {
+        write_proc_self("oom_score_adj", &adj.to_string())?;
+    }
+    if let Some((class, level)) = plan.sandbox.io_priority {
+        // SAFETY: ioprio_set(IOPRIO_WHO_PROCESS, self, class << 13 | level).
+        let ret = unsafe { libc::syscall(libc::SYS_ioprio_set, 1, 0, (class << 13) | level) };
+        if ret < 0 {
+            return Err(format!(
+                "set the I/O priority: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    crate::stdio::install(&req.stdio)?;
+    debug!(
+        "worker {}: joined cgroup in {t_cgroup:?}, stdio bound at {:?}",
+        plan.id,
+        t0.elapsed()
+    );
+    if plan.module_kind == ModuleKind::Component {
         return Err(format!(
-            "cannot run as uid {}: the shim runs as uid {} without privileges",
-            u.uid,
-            me.as_raw()
+            "{} is a WebAssembly component; Kiln runs WASI preview 1 core modules \
+             (build for wasm32-wasip1)",
+            plan.args.first().cloned().unwrap_or_default()
         ));
     }
-    // Always: the guest has no business gaining privileges, whatever the spec says.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "set no_new_privs: {}",
-            std::io::Error::last_os_error()
-        ));
+
+    let started = Instant::now();
+    let cache = Cache::open(&req.cache_root, engine);
+    let wasm = std::fs::read(&plan.module_path).map_err(|source| {
+        describe_load_error(
+            plan,
+            CacheError::Read {
+                path: plan.module_path.clone(),
+                source,
+            },
+        )
+    })?;
+    let hit = cache.lookup(engine, &wasm);
+    let dirs = Dirs::open(plan)?;
+    let t_dirs = t0.elapsed();
+
+    let baseline = cache.dir().is_some() && baseline_first_start();
+    let empty = match hit {
+        Some(_) => None,
+        None => Some(crate::compile::empty_root()?),
+    };
+    let keeper = match (&empty, cache.dir()) {
+        (Some(root), Some(_)) => Some(Keeper::spawn(&KeeperArgs {
+            engine,
+            cache: &cache,
+            wasm: &wasm,
+            baseline,
+            confinement: Confinement {
+                user: host_user(plan),
+                rlimits: &plan.sandbox.rlimits,
+                seccomp: req.seccomp.as_ref(),
+                root: std::os::fd::AsRawFd::as_raw_fd(root),
+            },
+        })?),
+        _ => None,
+    };
+
+    kiln_sandbox::namespaces::enter(&plan.namespaces, &plan.sandbox).map_err(|e| e.to_string())?;
+    if let Some(profile) = &plan.sandbox.apparmor_profile {
+        write_proc_self("attr/current", &format!("changeprofile {profile}"))?;
     }
-    Ok(())
+    let wasi = run::wasi_ctx(plan, &dirs)?;
+    let t_ns = t0.elapsed();
+
+    // The compile child confines itself while this process drops its own privileges.
+    let compile = match &empty {
+        Some(root) => Some(
+            Compile::start(
+                engine,
+                &wasm,
+                baseline,
+                &Confinement {
+                    user: plan.user.clone(),
+                    rlimits: &plan.sandbox.rlimits,
+                    seccomp: req.seccomp.as_ref(),
+                    root: std::os::fd::AsRawFd::as_raw_fd(root),
+                },
+            )
+            .map_err(|e| describe_load_error(plan, e))?,
+        ),
+        None => None,
+    };
+    drop(empty);
+    kiln_sandbox::identity::finish(
+        &kiln_sandbox::Linux,
+        &kiln_sandbox::identity::Final {
+            user: &plan.user,
+            caps: &plan.sandbox.capabilities,
+            rlimits: &plan.sandbox.rlimits,
+            root: dirs.preopens[0].as_fd(),
+            seccomp: req.seccomp.as_ref(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    drop(dirs);
+    let t_drop = t0.elapsed();
+
+    let (module, outcome) = match (hit, compile) {
+        (Some(m), _) => (m, Outcome::Hit),
+        (None, Some(c)) => {
+            let (artifact, compiler) = c.wait().map_err(|e| describe_load_error(plan, e))?;
+            let module_engine = match compiler {
+                Compiler::Optimizing => engine.clone(),
+                Compiler::Baseline => crate::engine::new_baseline_engine()
+                    .map_err(|e| format!("the baseline compiler: {e:#}"))?,
+            };
+            // SAFETY: produced by `precompile_module` of this engine configuration in our
+            // compile child and received whole (length and exit status checked). The child
+            // ran with the container's confinement; a subverted compiler can only hand this
+            // container code that runs with the same confinement.
+            let module = unsafe { wasmtime::Module::deserialize(&module_engine, &artifact) }
+                .map_err(|e| describe_load_error(plan, CacheError::Load(e)))?;
+            let outcome = match (keeper, compiler) {
+                (Some(k), Compiler::Baseline) => {
+                    k.go();
+                    Outcome::Baseline
+                }
+                (Some(k), Compiler::Optimizing) => {
+                    if !k.store(&artifact) {
+                        log::warn!("worker {}: the compiled module was not cached", plan.id);
+                    }
+                    Outcome::Miss
+                }
+                (None, _) => Outcome::Uncached,
+            };
+            (module, outcome)
+        }
+        (None, None) => return Err("no module and no compile".to_string()),
+    };
+    drop(wasm);
+    let load_us = started.elapsed().as_micros() as u64;
+    debug!(
+        "worker {}: module {} loaded ({outcome:?}) in {load_us} us; dirs at {t_dirs:?}, \
+         namespaces at {t_ns:?}, privileges dropped at {t_drop:?}",
+        plan.id,
+        plan.module_path.display()
+    );
+    run::link(
+        module,
+        plan,
+        wasi,
+        format!("{outcome:?}").to_lowercase(),
+        load_us,
+    )
+}
+
+fn describe_load_error(plan: &Plan, e: CacheError) -> String {
+    let guest = plan.args.first().cloned().unwrap_or_default();
+    format!("cannot load {guest}: {e}")
 }

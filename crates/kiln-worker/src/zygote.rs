@@ -214,13 +214,16 @@ fn spawn(
     let token = req.token;
     // A pid namespace is entered for children only, so the zygote enters it around the fork
     // and returns to its own at once.
-    let pidns = req.plan.namespaces.iter().find(|n| n.kind == "pid");
-    if let Some(ns) = pidns {
-        let entered = std::fs::File::open(&ns.path)
+    let pidns = req.plan.namespaces.iter().find_map(|n| match &n.action {
+        kiln_plan::NamespaceAction::Join(path) if n.kind == "pid" => Some(path.clone()),
+        _ => None,
+    });
+    if let Some(path) = &pidns {
+        let entered = std::fs::File::open(path)
             .map_err(|e| e.to_string())
             .and_then(|f| setns(f.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|e| e.to_string()));
         if let Err(e) = entered {
-            let error = format!("join pid namespace {}: {e}", ns.path.display());
+            let error = format!("join pid namespace {}: {e}", path.display());
             send_event(sock, &ZygoteEvent::SpawnFailed { token, error });
             return;
         }

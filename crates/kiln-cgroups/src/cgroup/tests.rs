@@ -98,6 +98,7 @@ fn all_limits() -> Resources {
         cpu_quota: Some(50_000),
         cpu_period: Some(100_000),
         pids_limit: Some(32),
+        ..Resources::default()
     }
 }
 
@@ -732,4 +733,117 @@ fn real_unified_hierarchy_round_trip() {
     cg.remove().unwrap();
     assert!(!cg.dirs()[0].exists());
     guard.0 = None;
+}
+
+/// The rules containerd's default spec gives (a few of them): /dev/null and /dev/urandom.
+fn default_device_rules() -> Vec<crate::DeviceRule> {
+    use crate::{DeviceKind, DeviceRule};
+    vec![
+        DeviceRule::deny_all(),
+        DeviceRule::allow(DeviceKind::Char, 1, 3, "rwm"),
+        DeviceRule::allow(DeviceKind::Char, 1, 9, "rwm"),
+    ]
+}
+
+/// Forks a child that joins `cg` and opens each of `paths` read-write; returns for each
+/// whether the open succeeded. The child only makes async-signal-safe calls, so this is sound
+/// in the multi-threaded test harness.
+fn opens_in(cg: &Cgroup, paths: &[&str]) -> Vec<bool> {
+    use std::ffi::CString;
+    let procs: Vec<CString> = cg
+        .dirs()
+        .iter()
+        .map(|d| {
+            CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).unwrap()
+        })
+        .collect();
+    let paths: Vec<CString> = paths.iter().map(|p| CString::new(*p).unwrap()).collect();
+    // SAFETY: see above; the child never returns.
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            for p in &procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(100);
+                }
+                libc::close(fd);
+            }
+            let mut bits = 0;
+            for (i, p) in paths.iter().enumerate() {
+                let fd = libc::open(p.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK);
+                if fd >= 0 {
+                    bits |= 1 << i;
+                    libc::close(fd);
+                }
+            }
+            libc::_exit(bits)
+        },
+        -1 => panic!("fork: {}", io::Error::last_os_error()),
+        pid => {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert!(libc::WIFEXITED(status), "child status {status}");
+            let bits = libc::WEXITSTATUS(status);
+            assert_ne!(bits, 100, "the child could not join {:?}", cg.dirs());
+            (0..paths.len()).map(|i| bits & (1 << i) != 0).collect()
+        }
+    }
+}
+
+fn assert_root(test: &str) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "{test} needs root (the suite runs as root: it creates cgroups)"
+    );
+}
+
+/// On this machine's real cgroups (v1 devices controller on a hybrid host, or v2): a process
+/// in the container's cgroup opens /dev/null but not /dev/kmsg, which the rules do not allow.
+#[test]
+fn real_device_rules_deny_what_they_do_not_allow() {
+    assert_root("real_device_rules_deny_what_they_do_not_allow");
+    let layout = Layout::detect().unwrap();
+    let name = format!("/kiln-test-devices-{}", std::process::id());
+    let resources = Resources {
+        devices: Some(default_device_rules()),
+        ..Resources::default()
+    };
+    let cg = Cgroup::create(&layout, &name, "", &resources).unwrap();
+    let guard = Cleanup(Some(cg.clone()), None);
+    let opened = opens_in(&cg, &["/dev/null", "/dev/kmsg"]);
+    drop(guard);
+    assert_eq!(opened, [true, false], "/dev/null allowed, /dev/kmsg denied");
+}
+
+/// The v2 device program through the real kernel: on a hybrid host through the controller-less
+/// `unified` mount (device programs need no controller), on a v2 host through /sys/fs/cgroup.
+#[test]
+fn real_v2_device_program_denies_what_it_does_not_allow() {
+    assert_root("real_v2_device_program_denies_what_it_does_not_allow");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .expect("a cgroup2 mount (hybrid hosts have one at /sys/fs/cgroup/unified)");
+    let layout = Layout::from_mountinfo(line).unwrap();
+    let name = format!("/kiln-test-devprog-{}", std::process::id());
+    let resources = Resources {
+        devices: Some(default_device_rules()),
+        ..Resources::default()
+    };
+    let cg = Cgroup::create(&layout, &name, "", &resources).unwrap();
+    let guard = Cleanup(Some(cg.clone()), None);
+    let opened = opens_in(
+        &cg,
+        &["/dev/null", "/dev/urandom", "/dev/kmsg", "/dev/full"],
+    );
+    drop(guard);
+    assert_eq!(opened, [true, true, false, false]);
 }
