@@ -30,7 +30,8 @@
 # Running it again changes nothing and says `already installed`.
 #
 # Pods then use it with a RuntimeClass whose handler is `kiln`; `ctr run --runtime
-# io.containerd.kiln.v1` only needs the binary on containerd's PATH.
+# io.containerd.kiln.v1` only needs the binary on containerd's PATH. deploy/ has the
+# Kubernetes side: RuntimeClass, a DaemonSet that runs this script on every node, k3s.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
