@@ -9,9 +9,10 @@
 #     protobuf-compiler protoc
 #     busybox-static    a static /bin/busybox (for the runc comparison image)
 #     python3           python3
+#     python3-yaml      PyYAML (tests/tests/deploy.rs parses deploy/'s manifests with it)
+#     curl              the node installer's API call, tested by tests/tests/deploy.rs
 #     ca-certificates   /etc/ssl/certs/ca-certificates.crt
 #     gcc, libc6-dev    cc (cargo links through it)
-#     curl              only when Rust itself has to be installed
 # * Rust: when cargo is missing, rustup with the stable toolchain (from sh.rustup.rs); a
 #   toolchain older than the workspace's rust-version is updated when it is rustup's stable.
 # * The wasm32-wasip1 and wasm32-wasip2 Rust targets (the test workloads), when missing.
@@ -55,13 +56,14 @@ else
     [ -x /bin/busybox ] || missing+=(busybox-static)
 fi
 have python3 || missing+=(python3)
+if have dpkg-query; then
+    deb_installed python3-yaml || missing+=(python3-yaml)
+fi
+have curl || missing+=(curl)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 have cc || missing+=(gcc libc6-dev)
 need_rust=0
-if ! have cargo; then
-    need_rust=1
-    have curl || missing+=(curl)
-fi
+have cargo || need_rust=1
 
 if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]}; run $0 as root"

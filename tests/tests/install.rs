@@ -112,3 +112,56 @@ fn a_version_3_config_gets_the_containerd_2_section_once() {
         "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kiln]",
     );
 }
+
+fn install_on(config_text: &str) -> (String, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, config_text).expect("write config");
+    let shim = fake_shim(tmp.path());
+    let out = install(&config, &tmp.path().join("bin"), &shim);
+    (out, std::fs::read_to_string(&config).expect("read config"))
+}
+
+#[test]
+fn a_version_2_config_without_runtimes_keeps_runc() {
+    let (_, text) = install_on(
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n",
+    );
+    assert!(
+        text.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\""),
+        "{text}"
+    );
+    // A config that has runc's entry, even as a subtable only, gets no second one; nor does
+    // version 3, where containerd keeps its built-in runc.
+    for config in [
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n",
+        "version = 2\n[plugins.'io.containerd.grpc.v1.cri'.containerd.runtimes.runc]\n  runtime_type = 'io.containerd.runc.v2'\n",
+        "version = 3\n",
+    ] {
+        let (_, text) = install_on(config);
+        assert_eq!(
+            text.matches("runtimes.runc").count(),
+            config.matches("runtimes.runc").count(),
+            "{text}"
+        );
+        assert!(text.contains("runtimes.kiln]"), "{text}");
+    }
+}
+
+#[test]
+fn a_kiln_section_counts_only_under_the_cri_plugin_of_the_configs_version() {
+    // containerd 2.x writes keys in single quotes; that section is the one it reads.
+    let config = "version = 3\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.'kiln']\n  runtime_type = 'io.containerd.kiln.v1'\n";
+    let (out, text) = install_on(config);
+    assert_eq!(text, config, "{out}");
+    assert!(out.contains("already installed"), "{out}");
+
+    // A version 2 section in a version 3 config is ignored by containerd: the right one is added.
+    let config = "version = 3\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kiln]\n  runtime_type = \"io.containerd.kiln.v1\"\n";
+    let (out, text) = install_on(config);
+    assert!(out.contains("warning"), "{out}");
+    assert!(
+        text.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.kiln]"),
+        "{text}"
+    );
+}
