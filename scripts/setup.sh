@@ -7,6 +7,9 @@
 #     containerd        containerd, ctr
 #     runc              runc
 #     protobuf-compiler protoc
+#     containernetworking-plugins  the CNI plugins (bridge, host-local, loopback) of the CRI
+#                       tests' pod network
+#     iproute2          ip (the CRI tests' network namespace)
 #     busybox-static    a static /bin/busybox (for the runc comparison image)
 #     python3           python3
 #     ca-certificates   /etc/ssl/certs/ca-certificates.crt
@@ -47,6 +50,10 @@ missing=()
 { have containerd && have ctr; } || missing+=(containerd)
 have runc || missing+=(runc)
 have protoc || missing+=(protobuf-compiler)
+for p in bridge host-local loopback; do
+    [ -x "/usr/lib/cni/$p" ] || { missing+=(containernetworking-plugins); break; }
+done
+have ip || missing+=(iproute2)
 # The dynamically linked `busybox` package also provides /bin/busybox, but the busybox image
 # has no libc: only busybox-static will do (installing it replaces busybox).
 if have dpkg-query; then
