@@ -10,6 +10,7 @@
 #     containernetworking-plugins  the CNI plugins (bridge, host-local, loopback) of the CRI
 #                       tests' pod network
 #     iproute2          ip (the CRI tests' network namespace)
+#     docker-registry, skopeo  a registry the CRI tests pull from, and pushing to it
 #     busybox-static    a static /bin/busybox (for the runc comparison image)
 #     python3           python3
 #     ca-certificates   /etc/ssl/certs/ca-certificates.crt
@@ -54,6 +55,8 @@ for p in bridge host-local loopback; do
     [ -x "/usr/lib/cni/$p" ] || { missing+=(containernetworking-plugins); break; }
 done
 have ip || missing+=(iproute2)
+have docker-registry || missing+=(docker-registry)
+have skopeo || missing+=(skopeo)
 # The dynamically linked `busybox` package also provides /bin/busybox, but the busybox image
 # has no libc: only busybox-static will do (installing it replaces busybox).
 if have dpkg-query; then

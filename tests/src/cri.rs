@@ -611,6 +611,98 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// Starts Debian's `docker-registry` inside containerd's network namespace, on
+    /// 127.0.0.1 there (so containerd pulls from it over plain HTTP, as it does for any
+    /// localhost registry) with its storage under containerd's directory. Stopped on drop.
+    pub fn start_registry(&'static self) -> std::result::Result<Registry, String> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let port = 5000 + (n % 1000) as u16;
+        let dir = self.dir.join(format!("registry-{n}"));
+        std::fs::create_dir_all(dir.join("data"))
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: kiln-cri-test\n",
+                dir.join("data").display()
+            ),
+        )
+        .map_err(|e| format!("write {}: {e}", config.display()))?;
+        let mut cmd = self.in_netns_cmd("docker-registry");
+        cmd.arg("serve").arg(&config);
+        cmd.stdin(std::process::Stdio::null());
+        let mut proc = process::Proc::spawn(cmd)
+            .map_err(|e| format!("{e} (apt-get install docker-registry)"))?;
+        let up = process::wait_until(Duration::from_secs(20), || {
+            if proc.has_exited() {
+                return Some(false);
+            }
+            self.http_get("127.0.0.1", port, "/v2/")
+                .ok()
+                .filter(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+                .map(|_| true)
+        });
+        if up != Some(true) {
+            // Ends it if it still runs, and collects what it said.
+            let out = proc.wait(Duration::ZERO);
+            return Err(format!(
+                "docker-registry did not answer on 127.0.0.1:{port}:\n{out}"
+            ));
+        }
+        Ok(Registry {
+            cri: self,
+            addr: format!("127.0.0.1:{port}"),
+            _proc: proc,
+        })
+    }
+
+    /// `nsenter --net=<containerd's namespace> -- program`: a command that runs in
+    /// containerd's network namespace (and only that namespace).
+    pub fn in_netns_cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+}
+
+/// A registry in containerd's network namespace, from [`Cri::start_registry`].
+pub struct Registry {
+    cri: &'static Cri,
+    /// `127.0.0.1:PORT` (inside containerd's network namespace).
+    pub addr: String,
+    /// The registry process; its drop kills and reaps it.
+    _proc: process::Proc,
+}
+
+impl Registry {
+    /// The full reference of `name:tag` in this registry.
+    pub fn reference(&self, name_tag: &str) -> String {
+        format!("{}/{name_tag}", self.addr)
+    }
+
+    /// Pushes the OCI image-layout tarball `tar` as `name_tag` with skopeo (from inside the
+    /// namespace); returns the reference.
+    pub fn push(&self, tar: &Path, name_tag: &str) -> std::result::Result<String, Output> {
+        let reference = self.reference(name_tag);
+        let mut cmd = self.cri.in_netns_cmd("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", tar.display()))
+            .arg(format!("docker://{reference}"));
+        let out = process::run(cmd, Duration::from_secs(120));
+        if out.success() {
+            Ok(reference)
+        } else {
+            Err(out)
+        }
+    }
+}
+
 fn image_spec(reference: &str) -> api::ImageSpec {
     api::ImageSpec {
         image: reference.to_string(),

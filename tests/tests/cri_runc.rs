@@ -388,3 +388,68 @@ fn figures() {
         kib(m),
     );
 }
+
+#[test]
+fn pull_from_a_registry_run_inside_the_namespace() {
+    let cri = cri();
+    let registry = cri.start_registry().unwrap();
+    // An image of its own (busybox plus a marker): RemoveImage removes an image by id, with
+    // every tag of it, so the shared busybox must not be the one pulled and removed.
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let img = kiln_e2e::oci::Image {
+        reference: "kiln-test/pulled:1".into(),
+        os: "linux".into(),
+        arch: arch.into(),
+        entrypoint: vec!["/bin/busybox".into()],
+        cmd: vec!["echo".into(), "pulled".into()],
+        env: Vec::new(),
+        user: String::new(),
+        files: vec![
+            kiln_e2e::oci::File {
+                path: "/bin/busybox".into(),
+                data: busybox,
+                mode: 0o755,
+            },
+            kiln_e2e::oci::File {
+                path: "/pulled".into(),
+                data: format!("{}\n", std::process::id()).into_bytes(),
+                mode: 0o644,
+            },
+        ],
+    };
+    let tar = cri.dir.join("pulled.tar");
+    std::fs::write(&tar, img.to_tar().expect("image tarball")).expect("write the tarball");
+    let reference = registry
+        .push(&tar, "kiln-test/pulled:1")
+        .unwrap_or_else(|out| panic!("skopeo could not push {}:\n{out}", tar.display()));
+    assert_eq!(cri.image_status(&reference).unwrap().map(|i| i.id), None);
+
+    let id = cri.pull_image(&reference).unwrap();
+    assert!(id.starts_with("sha256:"), "PullImage returned {id:?}");
+    let pulled = cri.image_status(&reference).unwrap().expect("pulled image");
+    assert_eq!(pulled.id, id);
+    assert!(pulled.repo_tags.contains(&reference), "{pulled:?}");
+    assert!(
+        cri.list_images().unwrap().iter().any(|i| i.id == id),
+        "ListImages lacks the pulled image"
+    );
+
+    // The image's own entrypoint and cmd.
+    let pod = cri.run_pod(PodSpec::new("pulled", HANDLER)).unwrap();
+    let c = pod.run(&ContainerSpec::new("echo", &reference)).unwrap();
+    let s = c.wait_exited(WAIT).unwrap();
+    assert_eq!(s.exit_code, 0, "{s:?}");
+    assert_eq!(
+        cri::stream_text(&logs_when(&c, 1, 0), Stream::Stdout),
+        "pulled\n"
+    );
+    pod.remove().unwrap();
+
+    cri.remove_image(&reference).unwrap();
+    assert_eq!(cri.image_status(&reference).unwrap().map(|i| i.id), None);
+}
