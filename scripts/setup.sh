@@ -67,6 +67,8 @@ fi
 have python3 || missing+=(python3)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 have cc || missing+=(gcc libc6-dev)
+# The CRI tests' pause program is linked statically: libc.a comes with libc6-dev.
+if have cc && have dpkg-query && ! deb_installed libc6-dev; then missing+=(libc6-dev); fi
 need_rust=0
 if ! have cargo; then
     need_rust=1

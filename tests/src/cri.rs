@@ -991,9 +991,11 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         if self.removed || self.id.is_empty() {
+            // Removed already, or RunPodSandbox failed: only what the harness made may be left.
             for d in cgroup_dirs(&self.cgroup_parent) {
                 let _ = remove_cgroup_tree(&d);
             }
+            let _ = std::fs::remove_dir_all(&self.log_dir);
             return;
         }
         if let Err(e) = self.remove_inner() {
