@@ -7,8 +7,8 @@
 #   containerd-private.sh stop DIR
 #
 # `start` prints the socket path on stdout once containerd answers. The shim binary is found
-# on containerd's PATH: put the directory holding containerd-shim-kiln-v1 first in PATH (the
-# --bin-dir, when given, goes first on PATH too, for its containerd-shim-runc-v2).
+# on containerd's PATH: put the directory holding containerd-shim-kiln-v1 first in PATH (with
+# --cri, the --bin-dir goes first on PATH too, for its containerd-shim-runc-v2).
 # KILN_CACHE_DIR, when set, is passed through to the shim.
 #
 # --cri enables the CRI plugin (what kubelet talks to) with the runtime handlers `runc`
@@ -168,8 +168,9 @@ start)
   mkdir -p "$dir"
   containerd_bin=${bindir:+$bindir/}containerd
   ctr_bin=${bindir:+$bindir/}ctr
-  [ -z "$bindir" ] || export PATH="$bindir:$PATH"
   if [ $cri = 1 ]; then
+    # The CRI's runc pods get the containerd-shim-runc-v2 of the containerd under test.
+    [ -z "$bindir" ] || export PATH="$bindir:$PATH"
     # "containerd github.com/containerd/containerd[/v2] 1.6.20~ds1 ..." -> 1 6
     version=$("$containerd_bin" --version | awk '{print $3}')
     major=${version%%.*}; minor=${version#*.}; minor=${minor%%.*}
