@@ -6,9 +6,13 @@ same layout as the ones `kiln image build` writes (OCI image layout plus a
 Docker manifest.json, one uncompressed layer, reproducible output), but holds
 a native static busybox instead of a Wasm module.
 
+With --pause it builds the CRI sandbox image instead: the static binary PAUSE
+(scripts/lib/pause.c) as /pause, the entrypoint. A private containerd with the
+CRI plugin has no internet to pull registry.k8s.io's, so it uses this one.
+
 Usage:
     scripts/make-busybox-image.py OUT.tar [--ref kiln-test/busybox:latest]
-                                          [--busybox /bin/busybox]
+                                          [--busybox /bin/busybox | --pause PAUSE]
 
 Needs Debian's busybox-static package (`apt-get install busybox-static`):
 the image has no libc, so a dynamically linked busybox would not run.
@@ -133,36 +137,49 @@ def to_json(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def build(busybox_path: str, ref: str) -> tuple[bytes, str, str]:
-    """Return (tarball bytes, full reference, manifest digest)."""
+def build(busybox_path: str, ref: str, pause: bool = False) -> tuple[bytes, str, str]:
+    """Return (tarball bytes, full reference, manifest digest). With `pause`, busybox_path is
+    the pause binary and the image is the CRI sandbox image."""
     full_ref, familiar, tag = normalise_ref(ref)
     if not os.path.exists(busybox_path):
+        if pause:
+            raise Error(f"{busybox_path} not found (build scripts/lib/pause.c with cc -static)")
         raise Error(
             f"{busybox_path} not found; install Debian's busybox-static package "
             "(apt-get install busybox-static)"
         )
     arch, static = elf_info(busybox_path)
     if not static:
+        if pause:
+            raise Error(f"{busybox_path} is dynamically linked; build it with cc -static")
         raise Error(
             f"{busybox_path} is dynamically linked; install busybox-static "
             "(apt-get install busybox-static), which replaces the busybox package"
         )
     with open(busybox_path, "rb") as f:
-        busybox = f.read()
+        binary = f.read()
 
-    layer = make_tar(
-        [(tar_info("bin/", tarfile.DIRTYPE, 0o755), None),
-         (tar_info("bin/busybox", tarfile.REGTYPE, 0o755, len(busybox)), busybox)]
-        + [(tar_info(f"bin/{a}", tarfile.SYMTYPE, 0o777, link="busybox"), None) for a in APPLETS]
-    )
+    if pause:
+        layer = make_tar([(tar_info("pause", tarfile.REGTYPE, 0o755, len(binary)), binary)])
+        image_config = {"Env": [ENV_PATH], "Entrypoint": ["/pause"]}
+        comment = "CRI sandbox (pause)"
+    else:
+        layer = make_tar(
+            [(tar_info("bin/", tarfile.DIRTYPE, 0o755), None),
+             (tar_info("bin/busybox", tarfile.REGTYPE, 0o755, len(binary)), binary)]
+            + [(tar_info(f"bin/{a}", tarfile.SYMTYPE, 0o777, link="busybox"), None)
+               for a in APPLETS]
+        )
+        image_config = {"Env": [ENV_PATH], "Cmd": ["/bin/sh"]}
+        comment = "static busybox"
     layer_digest = sha256(layer)
 
     config = to_json({
         "architecture": arch,
         "os": "linux",
-        "config": {"Env": [ENV_PATH], "Cmd": ["/bin/sh"]},
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        "history": [{"created_by": "make-busybox-image.py", "comment": "static busybox"}],
+        "history": [{"created_by": "make-busybox-image.py", "comment": comment}],
     })
     config_digest = sha256(config)
 
@@ -220,11 +237,17 @@ def main() -> int:
     parser.add_argument("output", metavar="OUT.tar", help="tarball to write")
     parser.add_argument("--ref", default=DEFAULT_REF,
                         help=f"image reference (default: {DEFAULT_REF})")
-    parser.add_argument("--busybox", default=DEFAULT_BUSYBOX,
-                        help=f"static busybox binary to pack (default: {DEFAULT_BUSYBOX})")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--busybox", default=DEFAULT_BUSYBOX,
+                      help=f"static busybox binary to pack (default: {DEFAULT_BUSYBOX})")
+    what.add_argument("--pause", metavar="PAUSE",
+                      help="build the CRI sandbox image from this static pause binary instead")
     args = parser.parse_args()
     try:
-        image, full_ref, digest = build(args.busybox, args.ref)
+        if args.pause:
+            image, full_ref, digest = build(args.pause, args.ref, pause=True)
+        else:
+            image, full_ref, digest = build(args.busybox, args.ref)
         out_dir = os.path.dirname(os.path.abspath(args.output))
         tmp = os.path.join(out_dir, f".{os.path.basename(args.output)}.tmp-{os.getpid()}")
         try:

@@ -7,6 +7,10 @@
 #     containerd        containerd, ctr
 #     runc              runc
 #     protobuf-compiler protoc
+#     containernetworking-plugins  the CNI plugins (bridge, host-local, loopback) of the CRI
+#                       tests' pod network
+#     iproute2          ip (the CRI tests' network namespace)
+#     docker-registry, skopeo  a registry the CRI tests pull from, and pushing to it
 #     busybox-static    a static /bin/busybox (for the runc comparison image)
 #     python3           python3
 #     python3-yaml      PyYAML (tests/tests/deploy.rs parses deploy/'s manifests with it)
@@ -48,6 +52,12 @@ missing=()
 { have containerd && have ctr; } || missing+=(containerd)
 have runc || missing+=(runc)
 have protoc || missing+=(protobuf-compiler)
+for p in bridge host-local loopback; do
+    [ -x "/usr/lib/cni/$p" ] || { missing+=(containernetworking-plugins); break; }
+done
+have ip || missing+=(iproute2)
+have docker-registry || missing+=(docker-registry)
+have skopeo || missing+=(skopeo)
 # The dynamically linked `busybox` package also provides /bin/busybox, but the busybox image
 # has no libc: only busybox-static will do (installing it replaces busybox).
 if have dpkg-query; then
@@ -62,6 +72,8 @@ fi
 have curl || missing+=(curl)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 have cc || missing+=(gcc libc6-dev)
+# The CRI tests' pause program is linked statically: libc.a comes with libc6-dev.
+if have cc && have dpkg-query && ! deb_installed libc6-dev; then missing+=(libc6-dev); fi
 need_rust=0
 have cargo || need_rust=1
 

@@ -15,9 +15,13 @@
 //! * `CONTAINERD_LOG_LEVEL=debug`: a more talkative containerd (and shim) log;
 //! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging.
 //!
+//! [`cri`] is the other harness: the same kind of private containerd, driven through the CRI as
+//! kubelet drives it (pods, runtime handlers `runc` and `kiln`).
+//!
 //! [`probe`] is the `kiln-probe` binary's code (a gRPC cold-start probe, see
 //! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
 
+pub mod cri;
 pub mod oci;
 pub mod probe;
 pub mod process;
@@ -79,11 +83,11 @@ pub struct Kiln {
 
 /// The directory of the containerd (and ctr) binaries under test: `KILN_E2E_CONTAINERD_BIN`
 /// (e.g. a containerd 1.7 or 2.x unpacked by scripts/fetch-containerd.sh), else those on PATH.
-fn containerd_bin_dir() -> Option<PathBuf> {
+pub(crate) fn containerd_bin_dir() -> Option<PathBuf> {
     std::env::var_os("KILN_E2E_CONTAINERD_BIN").map(PathBuf::from)
 }
 
-fn tool(name: &str) -> PathBuf {
+pub(crate) fn tool(name: &str) -> PathBuf {
     containerd_bin_dir()
         .map(|d| d.join(name))
         .unwrap_or_else(|| PathBuf::from(name))
@@ -121,7 +125,7 @@ pub fn kiln_with_env(env: &[(&str, &str)]) -> &'static Kiln {
     }
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
@@ -131,7 +135,7 @@ fn repo_root() -> PathBuf {
 /// The directory holding the workspace binaries: the test executable is
 /// `<target>/<profile>/deps/<test>-<hash>`, so two levels up; `CARGO_TARGET_DIR/debug` and
 /// `<repo>/target/debug` are the fallbacks.
-fn find_bin_dir(repo: &Path) -> Result<PathBuf, String> {
+pub(crate) fn find_bin_dir(repo: &Path) -> Result<PathBuf, String> {
     let shim = "containerd-shim-kiln-v1";
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe()
@@ -268,9 +272,14 @@ fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
 }
 
 extern "C" fn teardown() {
-    let Some((script, dir)) = TEARDOWN.get() else {
-        return;
-    };
+    if let Some((script, dir)) = TEARDOWN.get() {
+        stop_private_containerd(script, dir);
+    }
+}
+
+/// Stops the private containerd in `dir` with `script` (containerd-private.sh) and removes the
+/// directory, unless `KILN_E2E_KEEP` is set.
+pub(crate) fn stop_private_containerd(script: &Path, dir: &Path) {
     let _ = Command::new(script)
         .arg("stop")
         .arg(dir)
@@ -323,8 +332,6 @@ impl Kiln {
     /// The output of the detached containers among `ids`, the containerd log lines mentioning
     /// any of `ids`, then the log's last lines.
     pub fn log_report(&self, ids: &[String]) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
         let mut out = String::new();
         for id in ids {
             if let Ok(text) = std::fs::read_to_string(self.container_log(id)) {
@@ -336,31 +343,7 @@ impl Kiln {
                 }
             }
         }
-        if !ids.is_empty() {
-            let about: Vec<&str> = lines
-                .iter()
-                .copied()
-                .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
-                .collect();
-            out += &format!(
-                "---- containerd log: lines about {} ({} lines, last 60) ----\n",
-                ids.join(", "),
-                about.len()
-            );
-            for l in &about[about.len().saturating_sub(60)..] {
-                out += l;
-                out.push('\n');
-            }
-        }
-        out += &format!(
-            "---- containerd log {}: last 40 lines ----\n",
-            self.log_path().display()
-        );
-        for l in &lines[lines.len().saturating_sub(40)..] {
-            out += l;
-            out.push('\n');
-        }
-        out += "---- end of containerd log ----";
+        out += &containerd_log_report(&self.log_path(), ids);
         out
     }
 
@@ -808,4 +791,38 @@ pub fn assert_hello_runs(k: &'static Kiln) {
         out.success() && out.stdout == "Hello from Kiln!\n",
         "a hello container no longer runs:\n{out}"
     );
+}
+
+/// The containerd log lines (at `log`) mentioning any of `ids`, then the log's last lines: the
+/// end of every failure report.
+pub(crate) fn containerd_log_report(log: &Path, ids: &[String]) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    if !ids.is_empty() {
+        let about: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
+            .collect();
+        out += &format!(
+            "---- containerd log: lines about {} ({} lines, last 60) ----\n",
+            ids.join(", "),
+            about.len()
+        );
+        for l in &about[about.len().saturating_sub(60)..] {
+            out += l;
+            out.push('\n');
+        }
+    }
+    out += &format!(
+        "---- containerd log {}: last 40 lines ----\n",
+        log.display()
+    );
+    for l in &lines[lines.len().saturating_sub(40)..] {
+        out += l;
+        out.push('\n');
+    }
+    out += "---- end of containerd log ----";
+    out
 }
