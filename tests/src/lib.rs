@@ -18,7 +18,6 @@
 //! [`probe`] is the `kiln-probe` binary's code (a gRPC cold-start probe, see
 //! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
 
-pub mod oci;
 pub mod probe;
 pub mod process;
 
@@ -385,6 +384,15 @@ impl Kiln {
         )
     }
 
+    /// Writes `img` (kiln-image's writer, the one `kiln image build` uses) to a temporary
+    /// tarball and imports it.
+    pub fn import_image(&self, img: &kiln_image::Image) -> Output {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tar = dir.path().join("img.tar");
+        std::fs::write(&tar, img.to_tar().expect("write the image tarball")).expect("write");
+        self.import(&tar)
+    }
+
     /// A container id unique to this test binary run, cleaned up when the guard drops.
     pub fn container(&'static self, name: &str) -> Container {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -417,11 +425,9 @@ impl Kiln {
         wasm.extend_from_slice(section);
         wasm.extend_from_slice(payload.as_bytes());
         let key = hex::encode(sha2::Sha256::digest(&wasm));
-        let img = oci::Image::single_file(&reference, &format!("/{name}.wasm"), wasm);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tar = dir.path().join("img.tar");
-        std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
-        let out = self.import(&tar);
+        let img = kiln_image::Image::single_file(&reference, &format!("/{name}.wasm"), wasm)
+            .expect("describe the image");
+        let out = self.import_image(&img);
         assert!(out.success(), "import {reference}:\n{out}");
         (reference, key)
     }
