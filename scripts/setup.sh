@@ -11,6 +11,8 @@
 #     python3           python3
 #     ca-certificates   /etc/ssl/certs/ca-certificates.crt
 #     gcc, libc6-dev    cc (cargo links through it)
+#     docker-registry   the private registry the pull tests push to (tests/src/registry.rs)
+#     skopeo            pushes image-layout tarballs to it
 #     curl              only when Rust itself has to be installed
 # * Rust: when cargo is missing, rustup with the stable toolchain (from sh.rustup.rs); a
 #   toolchain older than the workspace's rust-version is updated when it is rustup's stable.
@@ -55,6 +57,8 @@ else
     [ -x /bin/busybox ] || missing+=(busybox-static)
 fi
 have python3 || missing+=(python3)
+have docker-registry || missing+=(docker-registry)
+have skopeo || missing+=(skopeo)
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 have cc || missing+=(gcc libc6-dev)
 need_rust=0

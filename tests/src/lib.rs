@@ -20,6 +20,7 @@
 
 pub mod probe;
 pub mod process;
+pub mod registry;
 
 use sha2::Digest as _;
 use std::cell::RefCell;
