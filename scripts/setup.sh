@@ -75,6 +75,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${missing[@]}" </dev/null >/dev/null
+    # Debian's docker-registry enables a system registry on :5000 (all interfaces); the tests
+    # start their own on 127.0.0.1, so keep the system one off where systemd runs it.
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- Rust -------------------------------------------------------------------------------------
