@@ -10,7 +10,8 @@
 #     containernetworking-plugins  the CNI plugins (bridge, host-local, loopback) of the CRI
 #                       tests' pod network
 #     iproute2          ip (the CRI tests' network namespace)
-#     docker-registry, skopeo  a registry the CRI tests pull from, and pushing to it
+#     docker-registry, skopeo  a private registry the pull and CRI tests push to and pull from
+#                       (tests/src/registry.rs, tests/src/cri.rs)
 #     busybox-static    a static /bin/busybox (for the runc comparison image)
 #     python3           python3
 #     python3-yaml      PyYAML (tests/tests/deploy.rs parses deploy/'s manifests with it)
@@ -85,6 +86,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${missing[@]}" </dev/null >/dev/null
+    # Debian's docker-registry enables a system registry on :5000 (all interfaces); the tests
+    # start their own on 127.0.0.1, so keep the system one off where systemd runs it.
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # --- Rust -------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@
 //! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
 
 pub mod cri;
-pub mod oci;
 pub mod probe;
 pub mod process;
+pub mod registry;
 
 use sha2::Digest as _;
 use std::cell::RefCell;
@@ -373,6 +373,15 @@ impl Kiln {
         )
     }
 
+    /// Writes `img` (kiln-image's writer, the one `kiln image build` uses) to a temporary
+    /// tarball and imports it.
+    pub fn import_image(&self, img: &kiln_image::Image) -> Output {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tar = dir.path().join("img.tar");
+        std::fs::write(&tar, img.to_tar().expect("write the image tarball")).expect("write");
+        self.import(&tar)
+    }
+
     /// A container id unique to this test binary run, cleaned up when the guard drops.
     pub fn container(&'static self, name: &str) -> Container {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -411,12 +420,14 @@ impl Kiln {
         wasm.extend_from_slice(section);
         wasm.extend_from_slice(payload.as_bytes());
         let key = hex::encode(sha2::Sha256::digest(&wasm));
-        let mut img = oci::Image::single_file(&reference, &format!("/{name}.wasm"), wasm);
-        img.user = user.to_string();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tar = dir.path().join("img.tar");
-        std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
-        let out = self.import(&tar);
+        let mut img = kiln_image::Image::single_file(&reference, &format!("/{name}.wasm"), wasm)
+            .expect("describe the image");
+        if !user.is_empty()
+            && let Some(config) = img.exec_config_mut()
+        {
+            config.user = Some(user.to_string());
+        }
+        let out = self.import_image(&img);
         assert!(out.success(), "import {reference}:\n{out}");
         (reference, key)
     }

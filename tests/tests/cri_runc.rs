@@ -401,25 +401,24 @@ fn pull_from_a_registry_run_inside_the_namespace() {
         "aarch64" => "arm64",
         other => other,
     };
-    let img = kiln_e2e::oci::Image {
-        reference: "kiln-test/pulled:1".into(),
-        os: "linux".into(),
-        arch: arch.into(),
-        entrypoint: vec!["/bin/busybox".into()],
-        cmd: vec!["echo".into(), "pulled".into()],
-        env: Vec::new(),
-        user: String::new(),
-        files: vec![
-            kiln_e2e::oci::File {
-                path: "/bin/busybox".into(),
-                data: busybox,
-                mode: 0o755,
-            },
-            kiln_e2e::oci::File {
-                path: "/pulled".into(),
-                data: format!("{}\n", std::process::id()).into_bytes(),
-                mode: 0o644,
-            },
+    let img = kiln_image::Image {
+        reference: kiln_image::Reference::parse("kiln-test/pulled:1").expect("reference"),
+        platform: kiln_image::Platform::parse(&format!("linux/{arch}")).expect("platform"),
+        config: kiln_image::ImageConfig::Oci(kiln_image::ExecConfig {
+            entrypoint: vec!["/bin/busybox".into()],
+            cmd: vec!["echo".into(), "pulled".into()],
+            ..kiln_image::ExecConfig::default()
+        }),
+        layers: vec![
+            kiln_image::Layer::tar(&[
+                kiln_image::Entry::file("/bin/busybox", 0o755, busybox),
+                kiln_image::Entry::file(
+                    "/pulled",
+                    0o644,
+                    format!("{}\n", std::process::id()).into_bytes(),
+                ),
+            ])
+            .expect("layer"),
         ],
     };
     let tar = cri.dir.join("pulled.tar");

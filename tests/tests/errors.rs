@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kiln_e2e::oci::Image;
 use kiln_e2e::{Kiln, Output, assert_cleaned_up, assert_hello_runs, image, kiln};
+use kiln_image::Image;
 
 const NOT_WASM: &str = "docker.io/kiln-test/notwasm:latest";
 const TRUNCATED: &str = "docker.io/kiln-test/truncated:latest";
@@ -14,7 +14,6 @@ const TRUNCATED: &str = "docker.io/kiln-test/truncated:latest";
 fn broken_images(k: &'static Kiln) {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
         let hello = std::fs::read(k.wasm("hello")).expect("read hello.wasm");
         let images = [
             Image::single_file(
@@ -24,10 +23,9 @@ fn broken_images(k: &'static Kiln) {
             ),
             Image::single_file(TRUNCATED, "/app.wasm", hello[..100].to_vec()),
         ];
-        for (i, img) in images.iter().enumerate() {
-            let path = dir.path().join(format!("broken-{i}.tar"));
-            std::fs::write(&path, img.to_tar().expect("write image tar")).unwrap();
-            let out = k.import(&path);
+        for img in images {
+            let img = img.expect("describe the image");
+            let out = k.import_image(&img);
             assert!(out.success(), "import of {} failed:\n{out}", img.reference);
         }
     });

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use kiln_e2e::oci::Image;
 use kiln_e2e::{Container, Kiln, image, kiln, proc_status};
+use kiln_image::Image;
 use sha2::{Digest, Sha256};
 
 /// Imports a copy of workload `name` whose image config sets `User`, once per test binary.
@@ -17,12 +17,10 @@ fn image_as_user(k: &'static Kiln, name: &str, user: &str) -> String {
         &reference,
         &format!("/{name}.wasm"),
         std::fs::read(k.wasm(name)).expect("read module"),
-    );
-    img.user = user.to_string();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tar = dir.path().join("img.tar");
-    std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
-    let out = k.import(&tar);
+    )
+    .expect("describe the image");
+    img.exec_config_mut().expect("an OCI config").user = Some(user.to_string());
+    let out = k.import_image(&img);
     assert!(out.success(), "import {reference}:\n{out}");
     reference
 }

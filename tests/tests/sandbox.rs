@@ -9,20 +9,11 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kiln_e2e::oci::{File, Image};
 use kiln_e2e::{Container, Kiln, image, kiln, proc_status};
+use kiln_image::{Entry, Image, Layer};
 
 const DEVICES: &str = "docker.io/kiln-test/devices:latest";
 const DEVICES_AS_USER: &str = "docker.io/kiln-test/devices-as-user:latest";
-
-fn node(path: &str, kind: char, major: u32, minor: u32) -> File {
-    File {
-        path: path.to_string(),
-        data: Vec::new(),
-        mode: 0o666,
-        node: Some((kind, major, minor)),
-    }
-}
 
 /// The major and minor numbers of the block device holding `/`.
 fn root_disk() -> (u32, u32) {
@@ -42,15 +33,33 @@ fn device_images(k: &'static Kiln) {
                 reference,
                 "/fileio.wasm",
                 std::fs::read(k.wasm("fileio")).expect("fileio.wasm"),
+            )
+            .expect("image");
+            if let Some(config) = img.exec_config_mut()
+                && !user.is_empty()
+            {
+                config.user = Some(user.to_string());
+            }
+            let char_node = |path: &str, major, minor| Entry::CharDevice {
+                path: path.to_string(),
+                mode: 0o666,
+                major,
+                minor,
+            };
+            img.layers.push(
+                Layer::tar(&[
+                    char_node("/nodes/kmsg", 1, 11),
+                    char_node("/nodes/null", 1, 3),
+                    Entry::BlockDevice {
+                        path: "/nodes/disk".to_string(),
+                        mode: 0o666,
+                        major,
+                        minor,
+                    },
+                ])
+                .expect("layer"),
             );
-            img.user = user.to_string();
-            img.files.push(node("/nodes/kmsg", 'c', 1, 11));
-            img.files.push(node("/nodes/null", 'c', 1, 3));
-            img.files.push(node("/nodes/disk", 'b', major, minor));
-            let dir = tempfile::tempdir().expect("tempdir");
-            let tar = dir.path().join("img.tar");
-            std::fs::write(&tar, img.to_tar().expect("tar")).expect("write");
-            let out = k.import(&tar);
+            let out = k.import_image(&img);
             assert!(out.success(), "import {reference}:\n{out}");
         }
     });

@@ -1,195 +1,145 @@
 //! `kiln`: the Kiln command-line tool.
 //!
-//! For now it only packs Wasm modules into OCI image tarballs
-//! (`kiln image build`) so they can be imported into containerd and run by
-//! the Kiln shim. Arguments are parsed by hand to keep the dependency tree
-//! small.
+//! It packs Wasm modules and components into OCI image tarballs (`kiln image build`) that
+//! containerd imports and the Kiln shim runs, and converts images between the Wasm image forms
+//! (`kiln image convert`): a Wasm OCI artifact, which `ctr run` refuses, becomes a compat image
+//! it runs. All image writing is kiln-image's; this file only maps the command line onto it.
 
-use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use kiln_image::Format;
 
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "kiln: tools for Kiln, the containerd shim for WebAssembly/WASI modules"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
 
-const MAIN_HELP: &str = "\
-kiln: tools for Kiln, the containerd shim for WebAssembly/WASI modules
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// Build and convert Wasm images
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
 
-Usage:
-  kiln image build <module.wasm> -t NAME[:TAG] [options] [-- ARGS...]
-  kiln --version
-  kiln --help
-
-Commands:
-  image build   Pack a Wasm module into an OCI image tarball
-
-Run `kiln image build --help` for the build options.
-";
-
-const BUILD_HELP: &str = "\
-Pack a Wasm module into an OCI image-layout tarball (also loadable by `docker load`).
-
-Usage:
-  kiln image build <module.wasm> -t NAME[:TAG] [options] [-- ARGS...]
-
-Options:
-  -t, --tag NAME[:TAG]     Image reference (required); normalised like Docker:
-                           `hello` -> docker.io/library/hello:latest
-  -o, --output FILE.tar    Where to write the tarball (default: ./<name>.tar)
-      --platform OS/ARCH   Image platform (default: wasi/wasm)
-      --path /PATH         Path of the module inside the image
-                           (default: /<file name of the module>)
-      --env KEY=VALUE      Add an environment variable (repeatable)
-  -h, --help               Show this help
-  --                       Everything after is stored as the image's Cmd
-                           (arguments passed to the module)
-
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Pack a Wasm module or component into an OCI image-layout tarball
+    #[command(after_help = "\
 Prints `<reference> <manifest digest>` on stdout.
 
-Import into containerd with:
-  ctr images import --platform wasi/wasm FILE.tar
-";
+Forms (--format):
+  compat       tar layer holding the module, OCI config with Entrypoint (what Kiln runs)
+  layer        runwasi's form: the module as a ...wasm.component.layer.v0+wasm layer
+  artifact     CNCF Wasm OCI artifact: application/vnd.wasm.config.v0+json, application/wasm
+  wasm-to-oci  wasm-to-oci's form: application/vnd.wasm.content.layer.v1+wasm
 
-/// Parsed `kiln image build` arguments.
-#[derive(Debug, PartialEq, Eq)]
+Import into containerd with:
+  ctr images import --all-platforms FILE.tar")]
+    Build(BuildArgs),
+    /// Rewrite an image-layout tarball in another form
+    #[command(after_help = "\
+Keeps the module, its path, Cmd and Env where the new form has room for them; other files
+of a compat image are not carried over. E.g. make a Wasm OCI artifact runnable by ctr:
+  kiln image convert app-artifact.tar --format compat -o app.tar")]
+    Convert(ConvertArgs),
+}
+
+/// `kiln image build` arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
 struct BuildArgs {
+    /// The Wasm module or component
     module: PathBuf,
+    /// Image reference, normalised like Docker: `hello` -> docker.io/library/hello:latest
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
     tag: String,
+    /// Where to write the tarball (default: ./<name>.tar)
+    #[arg(short, long, value_name = "FILE.tar")]
     output: Option<PathBuf>,
+    /// Image platform (default: wasi/wasm for compat and wasm-to-oci; wasip1/wasm or
+    /// wasip2/wasm, by module or component, for layer and artifact)
+    #[arg(long, value_name = "OS/ARCH")]
     platform: Option<String>,
+    /// Path of the module inside the image (default: /<file name of the module>)
+    #[arg(long, value_name = "/PATH")]
     path: Option<String>,
+    /// Add an environment variable (repeatable)
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// The image form
+    #[arg(long, default_value = "compat", value_parser = parse_format)]
+    format: Format,
+    /// Stored as the image's Cmd (arguments passed to the module)
+    #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
 }
 
-/// What the command line asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Command {
-    Help(&'static str),
-    Version,
-    Build(BuildArgs),
+/// `kiln image convert` arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+struct ConvertArgs {
+    /// The image-layout tarball to read
+    input: PathBuf,
+    /// The form to write
+    #[arg(long, value_parser = parse_format)]
+    format: Format,
+    /// Where to write the new tarball
+    #[arg(short, long, value_name = "FILE.tar")]
+    output: PathBuf,
+    /// The new image's reference (default: the input's io.containerd.image.name)
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    tag: Option<String>,
+    /// The new image's platform (default: the form's)
+    #[arg(long, value_name = "OS/ARCH")]
+    platform: Option<String>,
+    /// Path of the module in the new image (default: the input's)
+    #[arg(long, value_name = "/PATH")]
+    path: Option<String>,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse()
 }
 
 fn main() {
-    if let Err(err) = run() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Top::Image(ImageCommand::Build(b)) => build(b),
+        Top::Image(ImageCommand::Convert(c)) => convert(c),
+    };
+    if let Err(err) = result {
         eprintln!("kiln: error: {err:#}");
         std::process::exit(1);
     }
-}
-
-fn run() -> Result<()> {
-    let args: Vec<String> = std::env::args_os()
-        .skip(1)
-        .map(|a: OsString| {
-            a.into_string()
-                .map_err(|a| anyhow!("argument is not valid UTF-8: {}", a.to_string_lossy()))
-        })
-        .collect::<Result<_>>()?;
-    match parse(&args)? {
-        Command::Help(text) => print!("{text}"),
-        Command::Version => println!("kiln {VERSION}"),
-        Command::Build(b) => build(b)?,
-    }
-    Ok(())
-}
-
-fn parse(args: &[String]) -> Result<Command> {
-    match args.first().map(String::as_str) {
-        None => bail!("no command given; run `kiln --help`"),
-        Some("-h" | "--help" | "help") => Ok(Command::Help(MAIN_HELP)),
-        Some("-V" | "--version" | "version") => Ok(Command::Version),
-        Some("image") => match args.get(1).map(String::as_str) {
-            Some("build") => parse_build(&args[2..]),
-            Some("-h" | "--help") | None => Ok(Command::Help(MAIN_HELP)),
-            Some(other) => bail!("unknown command `kiln image {other}`; run `kiln --help`"),
-        },
-        Some(other) if other.starts_with('-') => {
-            bail!("unknown option `{other}`; run `kiln --help`")
-        }
-        Some(other) => bail!("unknown command `{other}`; run `kiln --help`"),
-    }
-}
-
-fn parse_build(args: &[String]) -> Result<Command> {
-    let mut module: Option<PathBuf> = None;
-    let mut tag = None;
-    let mut output = None;
-    let mut platform = None;
-    let mut path = None;
-    let mut env = Vec::new();
-    let mut extra = Vec::new();
-
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        // Accept both `--flag value` and `--flag=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| anyhow!("option `{name}` needs a value")),
-            }
-        };
-        match flag {
-            "-h" | "--help" => return Ok(Command::Help(BUILD_HELP)),
-            "-t" | "--tag" => set_once(&mut tag, value(flag)?, flag)?,
-            "-o" | "--output" => set_once(&mut output, PathBuf::from(value(flag)?), flag)?,
-            "--platform" => set_once(&mut platform, value(flag)?, flag)?,
-            "--path" => set_once(&mut path, value(flag)?, flag)?,
-            "--env" | "-e" => env.push(value(flag)?),
-            "--" => {
-                extra.extend(it.by_ref().cloned());
-                break;
-            }
-            f if f.starts_with('-') && f.len() > 1 => {
-                bail!("unknown option `{f}` for `kiln image build`; run `kiln image build --help`")
-            }
-            _ => {
-                if let Some(first) = &module {
-                    bail!(
-                        "more than one module given (`{}` and `{arg}`); put module arguments after `--`",
-                        first.display()
-                    );
-                }
-                module = Some(PathBuf::from(arg));
-            }
-        }
-    }
-
-    let module = module.ok_or_else(|| {
-        anyhow!("no module given; usage: kiln image build <module.wasm> -t NAME[:TAG]")
-    })?;
-    let tag = tag.ok_or_else(|| anyhow!("no image name given; use -t NAME[:TAG]"))?;
-    Ok(Command::Build(BuildArgs {
-        module,
-        tag,
-        output,
-        platform,
-        path,
-        env,
-        args: extra,
-    }))
-}
-
-fn set_once<T>(slot: &mut Option<T>, value: T, flag: &str) -> Result<()> {
-    if slot.is_some() {
-        bail!("option `{flag}` given more than once");
-    }
-    *slot = Some(value);
-    Ok(())
 }
 
 /// Default output file: `<last component of the repository>.tar`.
 fn default_output(reference: &kiln_image::Reference) -> PathBuf {
     let name = reference.path.rsplit('/').next().unwrap_or(&reference.path);
     PathBuf::from(format!("{name}.tar"))
+}
+
+fn report(summary: &kiln_image::ImageSummary, output: &Path) {
+    println!("{} {}", summary.reference, summary.manifest_digest);
+    let kind = match summary.kind {
+        kiln_image::WasmKind::Module => "module",
+        kiln_image::WasmKind::Component => "component",
+    };
+    eprintln!(
+        "wrote {} ({} form, {}, {kind} {})",
+        output.display(),
+        summary.format,
+        summary.platform,
+        summary.path_in_image
+    );
 }
 
 fn build(b: BuildArgs) -> Result<()> {
@@ -199,25 +149,36 @@ fn build(b: BuildArgs) -> Result<()> {
         module: kiln_image::ModuleSource::Path(b.module),
         path_in_image: b.path,
         reference: b.tag,
-        platform: b
-            .platform
-            .unwrap_or_else(|| kiln_image::DEFAULT_PLATFORM.to_string()),
+        platform: b.platform,
         args: b.args,
         env: b.env,
+        format: b.format,
+        files: Vec::new(),
     };
     let summary = write_atomically(&output, |file| Ok(kiln_image::build(&opts, file)?))?;
-    println!("{} {}", summary.reference, summary.manifest_digest);
-    eprintln!(
-        "wrote {} ({}, module {})",
-        output.display(),
-        summary.platform,
-        summary.path_in_image
-    );
+    report(&summary, &output);
     Ok(())
 }
 
-/// Writes `path` through a temporary file in the same directory and renames
-/// it into place, so a failed build never leaves a truncated tarball behind.
+fn convert(c: ConvertArgs) -> Result<()> {
+    let input =
+        File::open(&c.input).with_context(|| format!("cannot open {}", c.input.display()))?;
+    let opts = kiln_image::ConvertOptions {
+        format: c.format,
+        reference: c.tag,
+        platform: c.platform,
+        path_in_image: c.path,
+    };
+    let summary = write_atomically(&c.output, |file| {
+        kiln_image::convert(BufReader::new(input), &opts, file)
+            .with_context(|| format!("cannot convert {}", c.input.display()))
+    })?;
+    report(&summary, &c.output);
+    Ok(())
+}
+
+/// Writes `path` through a temporary file in the same directory and renames it into place, so
+/// a failed build never leaves a truncated tarball behind.
 fn write_atomically<T>(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<T>,
@@ -256,14 +217,20 @@ fn write_atomically<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
-    fn args(s: &[&str]) -> Vec<String> {
-        s.iter().map(|a| a.to_string()).collect()
+    fn parse(line: &[&str]) -> Result<Top, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kiln").chain(line.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
     fn parses_full_build_command() {
-        let cmd = parse(&args(&[
+        let cmd = parse(&[
             "image",
             "build",
             "m.wasm",
@@ -278,22 +245,56 @@ mod tests {
             "A=1",
             "-e",
             "B=2",
+            "--format",
+            "layer",
             "--",
             "x",
             "--not-a-flag",
-        ]))
+        ])
         .unwrap();
+        let Top::Image(ImageCommand::Build(b)) = cmd else {
+            panic!("not a build: {cmd:?}");
+        };
         assert_eq!(
-            cmd,
-            Command::Build(BuildArgs {
+            b,
+            BuildArgs {
                 module: "m.wasm".into(),
                 tag: "hello:v1".into(),
                 output: Some("out.tar".into()),
                 platform: Some("wasip1/wasm".into()),
                 path: Some("/app/m.wasm".into()),
                 env: vec!["A=1".into(), "B=2".into()],
+                format: Format::Layer,
                 args: vec!["x".into(), "--not-a-flag".into()],
-            })
+            }
+        );
+        let Top::Image(ImageCommand::Build(b)) =
+            parse(&["image", "build", "m.wasm", "-t", "x"]).unwrap()
+        else {
+            panic!("not a build");
+        };
+        assert_eq!(b.format, Format::Compat);
+    }
+
+    #[test]
+    fn parses_convert_command() {
+        let cmd = parse(&[
+            "image", "convert", "in.tar", "--format", "compat", "-o", "out.tar", "-t", "x:1",
+        ])
+        .unwrap();
+        let Top::Image(ImageCommand::Convert(c)) = cmd else {
+            panic!("not a convert: {cmd:?}");
+        };
+        assert_eq!(
+            c,
+            ConvertArgs {
+                input: "in.tar".into(),
+                format: Format::Compat,
+                output: "out.tar".into(),
+                tag: Some("x:1".into()),
+                platform: None,
+                path: None,
+            }
         );
     }
 
@@ -302,36 +303,61 @@ mod tests {
         for (line, needle) in [
             (
                 &["image", "build", "m.wasm", "-t", "x", "--bogus"][..],
-                "unknown option `--bogus`",
+                "--bogus",
             ),
-            (&["image", "build", "m.wasm"][..], "-t NAME"),
-            (&["image", "build", "-t", "x"][..], "no module"),
-            (&["image", "build", "m.wasm", "-t"][..], "needs a value"),
+            (&["image", "build", "m.wasm"][..], "--tag"),
+            (&["image", "build", "-t", "x"][..], "<MODULE>"),
+            (
+                &["image", "build", "m.wasm", "-t"][..],
+                "a value is required",
+            ),
             (
                 &["image", "build", "a.wasm", "b.wasm", "-t", "x"][..],
-                "more than one module",
+                "b.wasm",
             ),
             (
                 &["image", "build", "m.wasm", "-t", "x", "-t", "y"][..],
-                "more than once",
+                "multiple times",
             ),
-            (&["frobnicate"][..], "unknown command"),
-            (&["--frob"][..], "unknown option"),
-            (&["image", "push"][..], "unknown command"),
-            (&[][..], "no command"),
+            (
+                &["image", "build", "m.wasm", "-t", "x", "--format", "zip"][..],
+                "wasm-to-oci",
+            ),
+            (
+                &["image", "convert", "in.tar", "-o", "o.tar"][..],
+                "--format",
+            ),
+            (&["frobnicate"][..], "frobnicate"),
+            (&["--frob"][..], "--frob"),
+            (&["image", "push"][..], "push"),
         ] {
-            let err = parse(&args(line)).unwrap_err().to_string();
+            let err = parse(line).unwrap_err().to_string();
             assert!(err.contains(needle), "{line:?}: {err}");
         }
     }
 
     #[test]
     fn help_and_version() {
-        assert_eq!(parse(&args(&["--version"])).unwrap(), Command::Version);
-        assert_eq!(parse(&args(&["--help"])).unwrap(), Command::Help(MAIN_HELP));
-        assert_eq!(
-            parse(&args(&["image", "build", "--help"])).unwrap(),
-            Command::Help(BUILD_HELP)
+        for line in [
+            &["--version"][..],
+            &["--help"],
+            &["image", "build", "--help"],
+        ] {
+            let err = parse(line).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ),
+                "{line:?}: {err}"
+            );
+        }
+        let help = parse(&["image", "build", "--help"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            help.contains("--format") && help.contains("artifact"),
+            "{help}"
         );
     }
 
