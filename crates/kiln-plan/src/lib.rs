@@ -272,8 +272,8 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
         .and_then(|l| l.cgroups_path().as_ref())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let namespaces = sandbox::namespaces(spec, module_kind)?;
-    let sandbox = sandbox::sandbox(spec, host, &resources, &namespaces, dev_is_bound)?;
+    let (namespaces, skipped) = sandbox::namespaces(spec, module_kind)?;
+    let sandbox = sandbox::sandbox(spec, host, &resources, &namespaces, skipped, dev_is_bound)?;
 
     let u = process.user();
     let user = User {

@@ -48,6 +48,11 @@ pub struct Sandbox {
     pub apparmor_profile: Option<String>,
     /// `process.ioPriority` as `(class, level)` in `ioprio_set(2)` terms.
     pub io_priority: Option<(u32, u32)>,
+    /// The kinds of namespace the spec asked for that Kiln does not create (see
+    /// [`namespaces`]). The worker stands in for them with a seccomp guard (no signals but to
+    /// itself without a pid namespace, no new sockets without a network namespace), so that even
+    /// a worker taken over beyond Wasm cannot use what it shares with the node.
+    pub skipped: Vec<String>,
 }
 
 /// Capability names (`CAP_CHOWN`, …) per set, sorted.
@@ -294,15 +299,28 @@ fn is_net_sysctl(key: &str) -> bool {
 ///
 /// * `mount`: the worker's whole view of files is its preopened directories, each a detached
 ///   copy of a mount, and it is chrooted into its rootfs; a namespace would only copy the
-///   node's mount table (hundreds of entries on a Kubernetes node) at every start.
+///   node's mount table (hundreds of entries on a Kubernetes node) at every start. Created
+///   when the spec grants CAP_SYS_ADMIN, with which a process could mount.
 /// * `pid`: a guest has no call that can see or signal a process, and a worker that is pid 1
 ///   of its namespace would ignore signals it has no handler for.
 /// * `network`, for a core module: WASI preview 1 offers sockets only through descriptors the
 ///   host preopens, and Kiln preopens none, so such a guest cannot reach any network; creating
 ///   and later destroying a network namespace is the costliest namespace operation. Created
 ///   whenever the spec sets a `net.*` sysctl, and always for a component.
-pub(crate) fn namespaces(spec: &Spec, kind: ModuleKind) -> Result<Vec<Namespace>, PlanError> {
+pub(crate) fn namespaces(
+    spec: &Spec,
+    kind: ModuleKind,
+) -> Result<(Vec<Namespace>, Vec<String>), PlanError> {
     let linux = spec.linux().as_ref();
+    let sys_admin = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().as_ref())
+        .is_some_and(|c| {
+            [c.effective(), c.permitted(), c.ambient()]
+                .iter()
+                .any(|set| names(set).iter().any(|n| n == "CAP_SYS_ADMIN"))
+        });
     let listed = linux
         .and_then(|l| l.namespaces().as_ref())
         .cloned()
@@ -316,6 +334,7 @@ pub(crate) fn namespaces(spec: &Spec, kind: ModuleKind) -> Result<Vec<Namespace>
     });
     let mut joins = Vec::new();
     let mut creates = Vec::new();
+    let mut skipped = Vec::new();
     let mut user_ns = false;
     for ns in &listed {
         let name = kind_name(ns.typ());
@@ -340,11 +359,16 @@ pub(crate) fn namespaces(spec: &Spec, kind: ModuleKind) -> Result<Vec<Namespace>
                 }
             }
             None => match ns.typ() {
+                LinuxNamespaceType::Mount if sys_admin => {
+                    creates.push(entry(NamespaceAction::Create))
+                }
                 LinuxNamespaceType::Mount | LinuxNamespaceType::Pid => {
                     debug!("{name} namespace not created: a Wasm guest cannot observe it");
+                    skipped.push(name.to_string());
                 }
                 LinuxNamespaceType::Network if kind == ModuleKind::Core && !net_sysctl => {
                     debug!("network namespace not created: a core module has no sockets");
+                    skipped.push(name.to_string());
                 }
                 LinuxNamespaceType::User => {
                     if !has_mappings {
@@ -367,10 +391,10 @@ pub(crate) fn namespaces(spec: &Spec, kind: ModuleKind) -> Result<Vec<Namespace>
         ));
     }
     joins.extend(creates);
-    Ok(joins)
+    Ok((joins, skipped))
 }
 
-fn names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
+pub(crate) fn names(set: &Option<oci_spec::runtime::Capabilities>) -> Vec<String> {
     let mut v: Vec<String> = set
         .iter()
         .flatten()
@@ -461,6 +485,7 @@ pub(crate) fn sandbox(
     host: &Host,
     resources: &Resources,
     namespaces: &[Namespace],
+    skipped: Vec<String>,
     dev_is_bound: bool,
 ) -> Result<Sandbox, PlanError> {
     let process = spec.process().as_ref().ok_or(PlanError::NoProcess)?;
@@ -573,5 +598,6 @@ pub(crate) fn sandbox(
             .clone()
             .filter(|p| !p.is_empty() && host.apparmor),
         io_priority,
+        skipped,
     })
 }

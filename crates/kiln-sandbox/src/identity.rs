@@ -21,7 +21,9 @@
 //!    count only through its ambient set, as they would under runc;
 //! 7. umask;
 //! 8. the seccomp filter, last, so that it need not allow any of the calls above (with
-//!    no_new_privs set, loading it needs no privilege).
+//!    no_new_privs set, loading it needs no privilege), right after the guard that stands in
+//!    for the pid and network namespaces Kiln does not create (`seccomp::guard`), which must
+//!    come first as the allowlist does not allow seccomp(2) itself.
 
 use std::os::fd::BorrowedFd;
 
@@ -44,6 +46,8 @@ pub struct Final<'a> {
     pub root: BorrowedFd<'a>,
     /// The seccomp filter, if any.
     pub seccomp: Option<&'a Filter>,
+    /// The namespace guard, if any.
+    pub guard: Option<&'a Filter>,
 }
 
 /// Takes the worker from root to the container's identity; see the module docs for the order.
@@ -89,6 +93,11 @@ pub fn finish(sys_: &dyn Syscall, f: &Final<'_>) -> Result<()> {
     }
     if let Some(mask) = u.umask {
         sys_.set_umask(mask);
+    }
+    // The guard first: the main filter (Kiln's allowlist) does not allow seccomp(2) itself.
+    if let Some(guard) = f.guard {
+        sys_.load_seccomp(guard)
+            .map_err(sys("load the namespace guard"))?;
     }
     if let Some(filter) = f.seccomp {
         sys_.load_seccomp(filter)
@@ -204,6 +213,7 @@ mod tests {
                 rlimits: &rlimits,
                 root: root.as_fd(),
                 seccomp: Some(&filter),
+                guard: Some(&filter),
             },
         )
         .expect("finish");
@@ -225,6 +235,7 @@ mod tests {
                 "Permitted CAP_NET_BIND_SERVICE".to_string(),
                 "Ambient CAP_NET_BIND_SERVICE".to_string(),
                 "umask 22".to_string(),
+                "seccomp".to_string(),
                 "seccomp".to_string(),
             ]
         );
@@ -248,6 +259,7 @@ mod tests {
             rlimits: &[],
             root: root.as_fd(),
             seccomp: None,
+            guard: None,
         };
         finish(&rec, &f).expect("finish");
         let calls = rec.calls.into_inner();
@@ -279,6 +291,7 @@ mod tests {
                 rlimits: &[],
                 root: root.as_fd(),
                 seccomp: None,
+                guard: None,
             },
         )
         .expect_err("setgid fails");
@@ -305,6 +318,7 @@ mod tests {
                 rlimits: &[],
                 root: root.as_fd(),
                 seccomp: None,
+                guard: None,
             },
         )
         .expect_err("unknown capability");

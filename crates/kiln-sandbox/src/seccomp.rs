@@ -239,6 +239,101 @@ pub const DEFAULT_ALLOWED: &[&str] = &[
     "getrusage",
 ];
 
+/// `struct sock_filter`: one classic BPF instruction.
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..2].copy_from_slice(&code.to_ne_bytes());
+    b[2] = jt;
+    b[3] = jf;
+    b[4..].copy_from_slice(&k.to_ne_bytes());
+    b
+}
+
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JEQ_K: u16 = 0x15;
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_NATIVE: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH_NATIVE: u32 = 0xc000_00b7;
+
+/// The calls that reach other processes by pid.
+const BY_PID: [libc::c_long; 4] = [
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+];
+/// The calls that reach other processes in ways a pid check cannot confine.
+const OTHER_PROCESSES: [libc::c_long; 9] = [
+    libc::SYS_tkill,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kcmp,
+    libc::SYS_process_madvise,
+];
+/// The call that makes sockets that can reach something. `socketpair(2)` stays allowed: it
+/// makes only a connected pair of local sockets (tokio's signal driver uses one).
+const NEW_SOCKETS: [libc::c_long; 1] = [libc::SYS_socket];
+
+/// The guard for the namespaces Kiln does not create (see `kiln_plan::Sandbox::skipped`):
+/// with `signals`, the process (whose pid is `pid`) may signal only itself and cannot reach
+/// another process at all; with `sockets`, it cannot make a socket. Stacked on top of the main
+/// filter, it makes a worker taken over beyond Wasm unable to use the pid and network
+/// namespaces it shares with the node. Written as BPF here because it depends on the
+/// worker's pid, known only in the worker.
+pub fn guard(pid: u32, signals: bool, sockets: bool) -> Filter {
+    let mut by_pid: Vec<libc::c_long> = Vec::new();
+    let mut denied: Vec<libc::c_long> = Vec::new();
+    if signals {
+        by_pid.extend(BY_PID);
+        denied.extend(OTHER_PROCESSES);
+    }
+    if sockets {
+        denied.extend(NEW_SOCKETS);
+    }
+    let compares = by_pid.len() + denied.len();
+    // Layout: [0] load arch, [1] native? skip, [2] allow, [3] load nr, [4..4+n] compares,
+    // [4+n] allow, then the self check (5 instructions), then deny.
+    let self_at = 4 + compares + 1;
+    let deny_at = self_at + 5;
+    let mut prog: Vec<[u8; 8]> = vec![
+        insn(BPF_LD_W_ABS, 0, 0, 4),
+        insn(BPF_JEQ_K, 1, 0, AUDIT_ARCH_NATIVE),
+        insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        insn(BPF_LD_W_ABS, 0, 0, 0),
+    ];
+    for (i, nr) in by_pid.iter().chain(&denied).enumerate() {
+        let here = 4 + i;
+        let target = if i < by_pid.len() { self_at } else { deny_at };
+        prog.push(insn(BPF_JEQ_K, (target - here - 1) as u8, 0, *nr as u32));
+    }
+    prog.push(insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+    // The first argument (pid or tgid) must be this process: low word, then high word.
+    prog.push(insn(BPF_LD_W_ABS, 0, 0, 16));
+    prog.push(insn(BPF_JEQ_K, 0, 3, pid));
+    prog.push(insn(BPF_LD_W_ABS, 0, 0, 20));
+    prog.push(insn(BPF_JEQ_K, 0, 1, 0));
+    prog.push(insn(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+    prog.push(insn(
+        BPF_RET_K,
+        0,
+        0,
+        SECCOMP_RET_ERRNO | libc::EPERM as u32,
+    ));
+    Filter {
+        bpf: prog.concat(),
+        flags: 0,
+    }
+}
+
 /// Compiles Kiln's allowlist.
 pub fn default_filter() -> Result<Filter> {
     let err = |e: libseccomp::error::SeccompError| Error::Seccomp(e.to_string());
@@ -446,6 +541,68 @@ mod tests {
         let filter = compile(&profile).expect("compile");
         assert_eq!(errno_in_child(&filter, getpid), 0);
         assert_eq!(errno_in_child(&filter, mkdirat), libc::EACCES);
+    }
+
+    fn kill_init() -> libc::c_long {
+        // SAFETY: signal 0 only checks that the signal could be sent.
+        unsafe { libc::syscall(libc::SYS_kill, 1, 0) }
+    }
+
+    fn kill_self() -> libc::c_long {
+        // SAFETY: signal 0 to ourselves.
+        unsafe { libc::syscall(libc::SYS_kill, libc::getpid(), 0) }
+    }
+
+    fn raise_self() -> libc::c_long {
+        // SAFETY: signal 0 to our own thread, through tgkill (what raise(3) uses).
+        unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0) }
+    }
+
+    fn socket() -> libc::c_long {
+        // SAFETY: a socket that is leaked at once by the exiting child.
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) }
+    }
+
+    /// The guard is generated for the child's own pid, so it is built in the child: a copy of
+    /// the guard for another pid would refuse the child's own signals.
+    fn guarded(signals: bool, sockets: bool, probe: fn() -> libc::c_long) -> i32 {
+        // SAFETY: the child only builds a small Vec, makes raw syscalls and exits.
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if guard(libc::getpid() as u32, signals, sockets)
+                    .load()
+                    .is_err()
+                {
+                    libc::_exit(250);
+                }
+                let ret = probe();
+                libc::_exit(if ret < 0 {
+                    *libc::__errno_location()
+                } else {
+                    0
+                })
+            },
+            pid => {
+                let mut status = 0;
+                // SAFETY: our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status), "status {status}");
+                let code = libc::WEXITSTATUS(status);
+                assert_ne!(code, 250, "the guard did not load");
+                code
+            }
+        }
+    }
+
+    #[test]
+    fn the_guard_lets_a_process_signal_only_itself_and_make_no_socket() {
+        assert_eq!(guarded(true, true, kill_init), libc::EPERM, "signal pid 1");
+        assert_eq!(guarded(true, true, kill_self), 0, "signal itself");
+        assert_eq!(guarded(true, true, raise_self), 0, "raise");
+        assert_eq!(guarded(true, true, socket), libc::EPERM, "socket");
+        assert_eq!(guarded(false, false, kill_init), 0, "no guard for signals");
+        assert_eq!(guarded(true, false, socket), 0, "no guard for sockets");
     }
 
     #[test]

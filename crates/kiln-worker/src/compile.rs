@@ -59,6 +59,16 @@ pub(crate) struct Confinement<'a> {
     pub seccomp: Option<&'a Filter>,
     /// The empty directory it is chrooted into.
     pub root: RawFd,
+    /// The namespaces the container's plan skipped, which the guard stands in for.
+    pub skipped: &'a [String],
+}
+
+/// The namespace guard for the calling process, if the plan skipped a pid or network
+/// namespace.
+pub(crate) fn guard_for(skipped: &[String]) -> Option<Filter> {
+    let signals = skipped.iter().any(|k| k == "pid");
+    let sockets = skipped.iter().any(|k| k == "network");
+    (signals || sockets).then(|| kiln_sandbox::seccomp::guard(std::process::id(), signals, sockets))
 }
 
 /// Closes every descriptor but `keep`. Runs in a freshly forked child that still sees
@@ -140,6 +150,7 @@ fn child(
     let none = CapabilitySets::default();
     // SAFETY: the root descriptor was kept open for this; the child owns its copy.
     let root = unsafe { std::os::fd::BorrowedFd::borrow_raw(conf.root) };
+    let guard = guard_for(conf.skipped);
     let confined = finish(
         &kiln_sandbox::Linux,
         &Final {
@@ -148,6 +159,7 @@ fn child(
             rlimits: conf.rlimits,
             root,
             seccomp: conf.seccomp,
+            guard: guard.as_ref(),
         },
     );
     // SAFETY: the chroot holds the directory now; this child's copy of the descriptor goes.

@@ -229,6 +229,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
                 rlimits: &plan.sandbox.rlimits,
                 seccomp: req.seccomp.as_ref(),
                 root: std::os::fd::AsRawFd::as_raw_fd(root),
+                skipped: &plan.sandbox.skipped,
             },
         })?),
         _ => None,
@@ -253,6 +254,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
                     rlimits: &plan.sandbox.rlimits,
                     seccomp: req.seccomp.as_ref(),
                     root: std::os::fd::AsRawFd::as_raw_fd(root),
+                    skipped: &plan.sandbox.skipped,
                 },
             )
             .map_err(|e| describe_load_error(plan, e))?,
@@ -260,6 +262,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
         None => None,
     };
     drop(empty);
+    let guard = crate::compile::guard_for(&plan.sandbox.skipped);
     kiln_sandbox::identity::finish(
         &kiln_sandbox::Linux,
         &kiln_sandbox::identity::Final {
@@ -268,6 +271,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
             rlimits: &plan.sandbox.rlimits,
             root: dirs.preopens[0].as_fd(),
             seccomp: req.seccomp.as_ref(),
+            guard: guard.as_ref(),
         },
     )
     .map_err(|e| e.to_string())?;
