@@ -249,9 +249,8 @@ fn a_crashed_shim_is_cleaned_up_by_the_delete_action() {
     let t = c
         .wait_status("RUNNING", START)
         .unwrap_or_else(|| panic!("{} not RUNNING; task: {:?}", c.id, c.task()));
-    // worker → zygote → shim server.
-    let zygote = parent_of(t.pid).expect("the worker's parent");
-    let shim = parent_of(zygote).expect("the zygote's parent");
+    // The worker is the shim server's child (the zygote clones it with CLONE_PARENT).
+    let shim = parent_of(t.pid).expect("the worker's parent");
     let cmdline = std::fs::read_to_string(format!("/proc/{shim}/cmdline")).unwrap_or_default();
     assert!(
         cmdline.contains("containerd-shim-kiln-v1") && cmdline.contains(&c.id),
@@ -292,20 +291,42 @@ fn a_detached_container_outlives_the_client_that_read_its_output() {
     );
 }
 
+/// The children of `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| parent_of(*pid) == Some(parent))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
-fn workers_orphaned_by_a_dead_zygote_still_report_their_exit() {
+fn a_dead_zygote_costs_no_running_container() {
     let k = kiln();
     let c = k.container("zygote-death");
     let pid = start_sleeper(&c);
-    let zygote = parent_of(pid).expect("the worker's parent");
+    let shim = parent_of(pid).expect("the worker's parent");
+    // The shim's other child is its zygote.
+    let zygote = children_of(shim)
+        .into_iter()
+        .find(|p| *p != pid)
+        .expect("the shim has a zygote");
     // SAFETY: kill(2) on the zygote we just identified.
     assert_eq!(unsafe { libc::kill(zygote as i32, libc::SIGKILL) }, 0);
-    // The worker is reparented to the shim (a child subreaper), which must reap it and still
-    // deliver its exit to containerd.
-    let reparented = wait_until(Duration::from_secs(5), || {
-        parent_of(pid).filter(|p| *p != zygote)
-    });
-    assert!(reparented.is_some(), "worker {pid} not reparented");
+    assert!(
+        wait_until(Duration::from_secs(5), || (!children_of(shim)
+            .contains(&zygote))
+        .then_some(()))
+        .is_some(),
+        "the zygote {zygote} was not reaped"
+    );
+    // The worker is the shim's own child: untouched, still running, and its exit still
+    // reaches containerd.
+    assert_eq!(parent_of(pid), Some(shim), "worker {pid} moved");
+    assert_eq!(c.task().map(|t| t.status), Some("RUNNING".to_string()));
     kill_and_wait_stopped(&c, Some("SIGTERM"));
     assert_eq!(delete_and_get_status(&c), 143);
 }

@@ -19,10 +19,10 @@ fn parent_of(pid: u32) -> Option<u32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
-/// The shim server serving a worker: worker → zygote → server.
+/// The shim server serving a worker: the worker's parent (the zygote clones workers with
+/// CLONE_PARENT).
 fn shim_of(worker: u32) -> u32 {
-    let zygote = parent_of(worker).expect("worker's parent");
-    parent_of(zygote).expect("zygote's parent")
+    parent_of(worker).expect("worker's parent")
 }
 
 /// Shim server processes of this test binary's containerd (their `-address` is our socket).
@@ -55,6 +55,18 @@ fn servers(k: &Kiln) -> Vec<u32> {
     out
 }
 
+/// The children of `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| parent_of(*pid) == Some(parent))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn start_sleeper(c: &Container) -> u32 {
     let out = c.run(&image("sleep")).detach();
     assert!(out.success(), "ctr run -d failed:\n{out}");
@@ -85,6 +97,41 @@ fn containers_of_a_namespace_share_one_shim() {
     let shim = shim_of(pa);
     assert_eq!(shim, shim_of(pb), "the two containers have different shims");
     assert_eq!(servers(k), vec![shim], "exactly one shim server");
+
+    // The zygote dies: the running containers are the shim's own children and go on; the next
+    // Create gets a new zygote (exec'd) and runs in the same shim.
+    let zygote = children_of(shim)
+        .into_iter()
+        .find(|p| *p != pa && *p != pb)
+        .expect("the shim's zygote");
+    // SAFETY: kill(2) on the zygote we just identified.
+    assert_eq!(unsafe { libc::kill(zygote as i32, libc::SIGKILL) }, 0);
+    let reaped = wait_until(Duration::from_secs(5), || {
+        (!children_of(shim).contains(&zygote)).then_some(())
+    });
+    assert!(reaped.is_some(), "the dead zygote {zygote} was not reaped");
+    let e = k.container("shared-after-zygote");
+    let pe = start_sleeper(&e);
+    assert_eq!(shim_of(pe), shim, "the new container has another shim");
+    let new_zygote = children_of(shim)
+        .into_iter()
+        .find(|p| ![pa, pb, pe].contains(p))
+        .expect("a new zygote");
+    let cmdline = std::fs::read(format!("/proc/{new_zygote}/cmdline")).unwrap_or_default();
+    assert!(
+        cmdline.split(|b| *b == 0).any(|a| a == b"zygote"),
+        "the replacement is an exec'd zygote: {:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    for c in [&a, &b] {
+        assert_eq!(
+            c.task().map(|t| t.status).as_deref(),
+            Some("RUNNING"),
+            "{}",
+            c.id
+        );
+    }
+    stop(&e);
 
     // Killing one leaves the other running.
     let out = a.kill(Some("SIGKILL"));

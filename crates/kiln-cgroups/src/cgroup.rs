@@ -397,6 +397,18 @@ impl Cgroup {
         }
     }
 
+    /// A notification of the kernel's OOM kills in this cgroup (v1: `memory.oom_control`
+    /// through `cgroup.event_control`; v2: `memory.events`).
+    pub fn oom_events(&self) -> Result<crate::OomEvents> {
+        match &self.dirs {
+            Dirs::V1(_) => match self.v1_dir("memory") {
+                Some(dir) => crate::OomEvents::v1(dir),
+                None => Err(Error::NoCgroupFs),
+            },
+            Dirs::V2 { mount_point, rel } => crate::OomEvents::v2(&mount_point.join(rel)),
+        }
+    }
+
     /// Sends SIGKILL to every process in the cgroup. On v2 with
     /// `cgroup.kill` (Linux 5.14+) the kernel does it, race-free. Otherwise
     /// the pid list is read and signalled repeatedly (up to a few rounds)

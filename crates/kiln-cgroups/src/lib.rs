@@ -64,6 +64,7 @@ mod cgroup;
 mod devices;
 mod fsutil;
 mod layout;
+mod oom;
 mod path;
 mod stats;
 
@@ -73,6 +74,7 @@ use std::path::PathBuf;
 pub use cgroup::{Cgroup, Resources, shares_to_weight};
 pub use devices::{DeviceKind, DeviceRule, allows_everything};
 pub use layout::{Hierarchy, Layout};
+pub use oom::OomEvents;
 pub use stats::Stats;
 
 /// What can go wrong. Every I/O variant names the file or directory and the

@@ -17,7 +17,12 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use log::{info, warn};
+
+use crate::service::Service;
 
 /// How containers are grouped into shim processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,4 +134,40 @@ pub fn lease_age(address: &str) -> Duration {
 pub fn remove(address: &str) {
     let _ = std::fs::remove_file(socket_path(address));
     let _ = std::fs::remove_file(side_file(address, ".lease"));
+}
+
+/// In a shared shim: exit once no container has been served, no Create is in flight, and no
+/// `start` has handed out this shim's address, for the idle timeout. Decided under the group
+/// lock, so a concurrent `start` either sees the socket gone (and launches a new server) or
+/// hands out a server that is still there.
+pub async fn exit_when_idle(service: Arc<Service>) {
+    let Some(address) = service.shared_address.clone() else {
+        return;
+    };
+    let idle = idle_timeout();
+    loop {
+        service.maybe_idle.notified().await;
+        loop {
+            tokio::time::sleep(idle).await;
+            if !service.table.is_idle() {
+                break;
+            }
+            let addr = address.clone();
+            let locked = tokio::task::spawn_blocking(move || lock(&addr)).await;
+            let Ok(Ok(_lock)) = locked else {
+                warn!("cannot take the shim group lock; staying up");
+                break;
+            };
+            if !service.table.is_idle() {
+                break;
+            }
+            if lease_age(&address) < idle {
+                continue;
+            }
+            info!("idle for {idle:?} with no containers; exiting");
+            remove(&address);
+            service.shut_down();
+            return;
+        }
+    }
 }

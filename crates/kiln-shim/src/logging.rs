@@ -98,6 +98,17 @@ pub fn init(debug: bool, id: &str) -> std::io::Result<()> {
     log::set_logger(&Logger).map_err(std::io::Error::other)
 }
 
+/// Installs the logger with no pipe yet (an exec'd zygote: its workers redirect to their
+/// containers' pipes).
+pub fn init_detached() {
+    let level = std::env::var(LEVEL_ENV)
+        .ok()
+        .and_then(|l| LevelFilter::from_str(&l).ok())
+        .unwrap_or(LevelFilter::Info);
+    log::set_max_level(level);
+    let _ = log::set_logger(&Logger);
+}
+
 /// Starts sending container `id`'s records to the `log` FIFO in its bundle.
 pub fn add(id: &str, bundle: &Path) -> std::io::Result<()> {
     let pipe = open_pipe(&bundle.join("log"))?;
@@ -121,9 +132,15 @@ pub fn redirect_to(id: &str, path: &Path) {
 }
 
 fn open_pipe(path: &Path) -> std::io::Result<FifoLogger> {
-    // containerd holds the reading end open for the container's lifetime, so this does not
-    // block; it is opened write-only as containerd expects.
-    let f = OpenOptions::new().write(true).open(path)?;
+    // containerd holds the reading end open for the container's lifetime; it is opened
+    // write-only as containerd expects, and non-blocking: a reader that falls behind loses
+    // log lines (the write fails with EAGAIN) instead of stalling the shim's runtime or a
+    // guest.
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     Ok(FifoLogger::with_file(f))
 }
 

@@ -3,14 +3,17 @@
 //! One binary, three roles, picked by containerd's command line:
 //! * `start`: start (or find) the shim server for this container and print its address;
 //! * `delete`: clean up after a shim that died (containerd runs it after every disconnect);
-//! * no action: the long-lived server that answers the Task API.
+//! * no action: the long-lived server that answers the Task API;
+//! * `zygote`: a replacement zygote, started by a server whose zygote died.
 //!
 //! The bootstrap is written here rather than taken from `containerd_shim::run`: that function
 //! speaks containerd 2.x's JSON `start` reply and serves only `containerd.task.v3.Task`, and
 //! containerd 1.6 and 1.7 (still on most nodes) need a bare address and `containerd.task.v2.Task`.
 //! Everything else (flags, socket naming, logger, publisher, mounts, protos) is the crate's.
 
+mod create;
 mod events;
+mod exits;
 mod group;
 mod logging;
 mod manager;
@@ -18,6 +21,8 @@ mod metrics;
 mod seccomp;
 mod server;
 mod service;
+mod table;
+mod task;
 mod zygote_client;
 
 use std::process::ExitCode;
@@ -27,6 +32,12 @@ pub const RUNTIME_NAME: &str = "io.containerd.kiln.v1";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("zygote") {
+        // A replacement zygote, exec'd by a shim whose zygote died.
+        logging::init_detached();
+        let _ = kiln_worker::LOG_REDIRECT.set(logging::redirect_to);
+        return ExitCode::from(kiln_worker::zygote::exec_main() as u8);
+    }
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,
         Err(e) => {

@@ -3,7 +3,8 @@
 //! Order matters. The logger is set up first (the zygote and its workers inherit it), then the
 //! zygote is forked while this process still has a single thread, and only then is the tokio
 //! runtime built. The runtime is current-thread: the shim's work is waiting on sockets, and
-//! every thread it does not start is memory a node with hundreds of containers keeps.
+//! every thread it does not start is memory a node with hundreds of containers keeps (work
+//! that blocks goes to tokio's blocking threads, which exist only while needed).
 
 use std::sync::Arc;
 
@@ -12,10 +13,9 @@ use containerd_shim::Flags;
 use containerd_shim::protos::shim_async::create_task;
 use containerd_shim::protos::ttrpc::r#async::Server;
 use containerd_shim::protos::ttrpc::r#async::transport::Listener;
-use log::{debug, error, info, warn};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
+use log::{debug, info};
 
+use crate::exits::Exits;
 use crate::service::Service;
 use crate::zygote_client::ZygoteClient;
 
@@ -34,9 +34,6 @@ pub fn serve(flags: &Flags) -> Result<()> {
     let grouping = crate::group::Grouping::from_env()?;
     let zygote = kiln_worker::zygote::fork_zygote().context("start the zygote")?;
     debug!("zygote {} forked", zygote.pid);
-    // SAFETY: prctl with integer arguments. Orphaned workers (if the zygote dies) are
-    // reparented here and reaped below instead of becoming zombies under init.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -55,8 +52,8 @@ async fn run(
         .await
         .map_err(anyhow::Error::msg)
         .context("connect to containerd's event service")?;
-    let zygote_pid = zygote.pid;
-    let client = ZygoteClient::start(zygote).context("talk to the zygote")?;
+    let exits = Arc::new(Exits::default());
+    let client = ZygoteClient::start(zygote, exits.clone()).context("talk to the zygote")?;
     let service = Arc::new(Service::new(
         flags.namespace.clone(),
         publisher,
@@ -64,8 +61,8 @@ async fn run(
         grouping.shared().then(|| flags.socket.clone()),
     ));
 
-    tokio::spawn(reap_children(zygote_pid, client));
-    tokio::spawn(service.clone().exit_when_idle());
+    tokio::spawn(crate::exits::reap(exits, client));
+    tokio::spawn(crate::group::exit_when_idle(service.clone()));
     tokio::spawn(ignore_termination());
 
     let path = flags.socket.trim_start_matches("unix://").to_string();
@@ -121,36 +118,6 @@ async fn ignore_termination() {
         tokio::select! {
             _ = term.recv() => debug!("SIGTERM ignored; containerd uses Shutdown"),
             _ = int.recv() => debug!("SIGINT ignored; containerd uses Shutdown"),
-        }
-    }
-}
-
-/// Reaps the zygote and any orphaned worker reparented to us (if the zygote died, its workers
-/// become our children, and their exits still belong to their containers).
-async fn reap_children(zygote_pid: i32, client: Arc<ZygoteClient>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut sigchld) = signal(SignalKind::child()) else {
-        warn!("cannot watch SIGCHLD; orphaned workers will not be reaped");
-        return;
-    };
-    while sigchld.recv().await.is_some() {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => {
-                    if status.pid().map(Pid::as_raw) == Some(zygote_pid) {
-                        error!("the zygote exited ({status:?}); new containers cannot start");
-                    } else if let Some(pid) = status.pid() {
-                        let code = match status {
-                            WaitStatus::Exited(_, code) => code,
-                            WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
-                            _ => continue,
-                        };
-                        debug!("reaped orphaned worker {pid} ({code})");
-                        client.route_exit(pid.as_raw(), code);
-                    }
-                }
-            }
         }
     }
 }

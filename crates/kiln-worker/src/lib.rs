@@ -11,25 +11,25 @@
 //! costs milliseconds (loading, relocating, re-creating the engine): cold start is Kiln's
 //! headline, so the zygote it is.
 //!
-//! Process tree: shim → zygote → worker (one per container). The zygote reaps its workers and
-//! reports every exit to the shim, in order after the spawn reply for that pid.
+//! Process tree: the shim has the zygote and every worker as children (the zygote clones
+//! workers with `CLONE_PARENT`), so the shim reaps its workers itself and a zygote that dies
+//! loses no exit.
 
 mod compile;
 pub mod engine;
+pub mod process;
 pub mod protocol;
 mod run;
+mod signals;
+pub mod status;
 mod stdio;
 mod worker;
 pub mod zygote;
 
 pub use protocol::{SpawnRequest, Stdio, WorkerReport, ZygoteEvent};
+pub use status::{EXIT_KILLED, EXIT_SETUP_FAILED, EXIT_TRAP};
 
 /// Set by the shim before it forks the zygote: points a worker's log records at its own
 /// container's log pipe (`(container id, path of the pipe)`). The worker calls it first thing.
 pub static LOG_REDIRECT: std::sync::OnceLock<fn(&str, &std::path::Path)> =
     std::sync::OnceLock::new();
-
-/// Exit status of a container whose guest trapped (as an abort: 128 + SIGABRT).
-pub const EXIT_TRAP: i32 = 134;
-/// Exit status of a worker that failed before running guest code.
-pub const EXIT_SETUP_FAILED: i32 = 125;

@@ -15,7 +15,7 @@ use wasmtime::{ExternType, InstancePre, Linker, Module, Store, StoreLimits, Stor
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use crate::EXIT_TRAP;
+use crate::status::EXIT_TRAP;
 
 /// Memory kept back from a container's memory limit for the worker itself (runtime, stacks,
 /// page tables), so that a guest's `memory.grow` fails inside the guest before the kernel's
@@ -149,6 +149,20 @@ pub(crate) fn link(
     let mut linker: Linker<Host> = Linker::new(module.engine());
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi)
         .map_err(|e| format!("set up WASI: {e:#}"))?;
+    // wasmtime-wasi takes a `proc_exit` code of 126 or more for an error (a trap, 134). A
+    // process's exit code is any number, of which Linux keeps the low 8 bits, and so does Kiln.
+    linker.allow_shadowing(true);
+    linker
+        .func_wrap(
+            "wasi_snapshot_preview1",
+            "proc_exit",
+            |_: wasmtime::Caller<'_, Host>, code: i32| -> wasmtime::Result<()> {
+                Err(wasmtime::Error::new(I32Exit(crate::status::exit_code(
+                    code,
+                ))))
+            },
+        )
+        .map_err(|e| format!("set up WASI proc_exit: {e:#}"))?;
     let pre = linker
         .instantiate_pre(&module)
         .map_err(|e| format!("{guest} cannot be linked with WASI preview 1: {e:#}"))?;
@@ -182,7 +196,7 @@ pub(crate) fn run(p: Prepared) -> i32 {
                 "kiln: container {}: start the WASI runtime: {e}",
                 p.id
             );
-            return crate::EXIT_SETUP_FAILED;
+            return crate::status::EXIT_SETUP_FAILED;
         }
     };
     let _entered = rt.enter();
@@ -236,6 +250,8 @@ mod tests {
           (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
           (memory (export "memory") 1)
           (func (export "_start") (call $exit (i32.const 3)))
+          (func (export "exit130") (call $exit (i32.const 130)))
+          (func (export "exit256") (call $exit (i32.const 259)))
           (func (export "boom") unreachable)
           (func (export "ok"))
           (func (export "withparam") (param i32))
@@ -280,6 +296,16 @@ mod tests {
         assert_eq!(status("_start", None), Ok(3), "proc_exit(3)");
         assert_eq!(status("ok", None), Ok(0), "returning from the entry");
         assert_eq!(status("boom", None), Ok(EXIT_TRAP), "trap");
+        assert_eq!(
+            status("exit130", None),
+            Ok(130),
+            "proc_exit(130) is not a trap"
+        );
+        assert_eq!(
+            status("exit256", None),
+            Ok(3),
+            "proc_exit(259) keeps the low 8 bits"
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@ use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 
 use crate::compile::{Compile, Compiler, Confinement, Keeper, KeeperArgs};
 use crate::protocol::{START_BYTE, SpawnRequest, WorkerReport};
-use crate::{EXIT_SETUP_FAILED, run};
+use crate::run;
+use crate::status::EXIT_SETUP_FAILED;
 
 /// Runs the worker to completion and returns its exit status.
 pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) -> i32 {
@@ -162,7 +163,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
     let t0 = Instant::now();
     // Every fork below (keeper, compile children, id-map helper) is only sound in a
     // single-threaded process; the zygote guarantees it, and it is checked once here.
-    let threads = crate::zygote::thread_count();
+    let threads = crate::process::thread_count();
     if threads != 1 {
         return Err(format!("the worker has {threads} threads during setup"));
     }

@@ -1,14 +1,22 @@
-//! The zygote: a single-threaded process, forked from the shim before the shim starts any
-//! thread, that forks workers on request and reports their exits.
+//! The zygote: a single-threaded process that forks workers on request.
 //!
 //! It holds the Wasmtime [`Engine`](wasmtime::Engine) (created once, inherited by every worker
 //! through fork), so a worker starts with the engine, the signal handlers and the code of the
-//! whole runtime already in memory. It must stay single-threaded: it never compiles (a cache
-//! miss is compiled by a short-lived child of the worker; Cranelift's parallel compilation
-//! starts threads) and never enters an
-//! async runtime. [`fork_zygote`] refuses to run in a process that already has threads, and
-//! the zygote checks itself again after creating the engine.
+//! whole runtime already in memory. It must stay single-threaded: it never compiles and never
+//! enters an async runtime. The shim forks the first one before it starts any thread
+//! ([`fork_zygote`] refuses to run in a process that already has threads); a replacement for a
+//! zygote that died is exec'd ([`exec_main`]), as forking the threaded shim would be unsound.
+//!
+//! Each worker is cloned with `CLONE_PARENT`, so the *shim* is its parent: the shim reaps its
+//! workers and learns their exit statuses itself, and nothing is lost if the zygote dies. With
+//! `CLONE_PIDFD` the zygote gets each worker's pidfd at birth and hands it to the shim, which
+//! signals workers only through them (a recycled pid is never signalled). On cgroup v2,
+//! `CLONE_INTO_CGROUP` places the worker in its container's cgroup at birth.
+//!
+//! Replies never block the zygote: they wait in a queue while the shim's side of the socket
+//! is full, and requests keep being served.
 
+use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -16,15 +24,14 @@ use log::{debug, error, warn};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{
-    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, send, socketpair,
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
 };
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use crate::protocol::{MAX_PACKET, SpawnRequest, ZygoteEvent};
+use crate::process::thread_count;
+use crate::protocol::{MAX_PACKET, ZygoteEvent, decode_request, encode_event, token};
 
 /// Why the zygote could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +62,15 @@ pub struct ZygoteHandle {
     pub sock: OwnedFd,
 }
 
-/// Number of threads of the calling process.
-pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(usize::MAX)
+/// The control socketpair: (the shim's end, the zygote's end).
+pub fn control_socket() -> Result<(OwnedFd, OwnedFd), ZygoteError> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(sys("socketpair"))
 }
 
 /// Forks the zygote. Must be called while the calling process has exactly one thread.
@@ -68,13 +79,7 @@ pub fn fork_zygote() -> Result<ZygoteHandle, ZygoteError> {
     if threads != 1 {
         return Err(ZygoteError::NotSingleThreaded(threads));
     }
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(sys("socketpair"))?;
+    let (ours, theirs) = control_socket()?;
     // SAFETY: the process is single-threaded (checked above), so the child inherits no lock
     // held by another thread.
     match unsafe { fork() }.map_err(sys("fork zygote"))? {
@@ -98,9 +103,20 @@ pub fn fork_zygote() -> Result<ZygoteHandle, ZygoteError> {
     }
 }
 
+/// The descriptor number at which an exec'd zygote finds its control socket.
+pub const EXEC_FD: RawFd = 3;
+
+/// The entry of an exec'd zygote (a replacement for one that died): its control socket is
+/// descriptor [`EXEC_FD`].
+pub fn exec_main() -> i32 {
+    // SAFETY: the shim put the socket at EXEC_FD for this process, which owns it from now on.
+    let sock = unsafe { OwnedFd::from_raw_fd(EXEC_FD) };
+    zygote_main(sock)
+}
+
 fn zygote_main(sock: OwnedFd) -> i32 {
-    // Dies with the shim: a zygote nobody can talk to has no purpose. Workers are not tied to
-    // it, so containers survive until containerd cleans them up.
+    // Dies with the shim: a zygote nobody can talk to has no purpose. Workers are the shim's
+    // children, not the zygote's, so they are not affected either way.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
     let engine = match crate::engine::new_engine() {
@@ -110,32 +126,27 @@ fn zygote_main(sock: OwnedFd) -> i32 {
             return 1;
         }
     };
+    // Over the handlers the engine just installed, so that workers die of fault signals sent
+    // from outside (see `signals`).
+    if let Err(e) = crate::signals::install() {
+        error!("zygote: install the fault-signal handler: {e}");
+        return 1;
+    }
     let threads = thread_count();
     if threads != 1 {
         error!("zygote: {threads} threads after creating the engine; refusing to fork workers");
         return 1;
     }
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None) {
-        error!("zygote: block SIGCHLD: {e}");
-        return 1;
-    }
-    let sigfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
-        Ok(fd) => fd,
-        Err(e) => {
-            error!("zygote: signalfd: {e}");
-            return 1;
-        }
-    };
     let own_pidns = std::fs::File::open("/proc/self/ns/pid").ok();
     let mut buf = vec![0u8; MAX_PACKET];
+    let mut replies: VecDeque<(Vec<u8>, Option<OwnedFd>)> = VecDeque::new();
     debug!("zygote {} ready", std::process::id());
     loop {
-        let mut fds = [
-            PollFd::new(sock.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut flags = PollFlags::POLLIN;
+        if !replies.is_empty() {
+            flags |= PollFlags::POLLOUT;
+        }
+        let mut fds = [PollFd::new(sock.as_fd(), flags)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
@@ -144,40 +155,51 @@ fn zygote_main(sock: OwnedFd) -> i32 {
                 return 1;
             }
         }
-        let sock_ready = fds[0].any().unwrap_or(false);
-        let sig_ready = fds[1].any().unwrap_or(false);
-        if sig_ready {
-            while let Ok(Some(_)) = sigfd.read_signal() {}
-            reap(&sock);
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.contains(PollFlags::POLLOUT) && !flush(&sock, &mut replies) {
+            return 1;
         }
-        if sock_ready {
+        if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             match receive(&sock, &mut buf) {
-                Ok(None) => {
+                Received::Closed => {
                     debug!("zygote: shim closed the control socket; exiting");
                     return 0;
                 }
-                Ok(Some((req, chan))) => {
-                    spawn(&engine, &sock, &sigfd, own_pidns.as_ref(), req, chan)
+                Received::Nothing => {}
+                Received::Packet { len, chan } => {
+                    let reply = spawn(&engine, &sock, own_pidns.as_ref(), &buf[..len], chan);
+                    replies.push_back(reply);
+                    if !flush(&sock, &mut replies) {
+                        return 1;
+                    }
                 }
-                Err(e) => warn!("zygote: bad request: {e}"),
             }
         }
     }
 }
 
-fn receive(sock: &OwnedFd, buf: &mut [u8]) -> Result<Option<(SpawnRequest, OwnedFd)>, String> {
+enum Received {
+    Closed,
+    Nothing,
+    Packet { len: usize, chan: Option<OwnedFd> },
+}
+
+fn receive(sock: &OwnedFd, buf: &mut [u8]) -> Received {
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
     );
     let msg = match msg {
         Ok(m) => m,
-        Err(Errno::EINTR | Errno::EAGAIN) => return Err("interrupted".to_string()),
-        Err(e) => return Err(format!("recvmsg: {e}")),
+        Err(Errno::EINTR | Errno::EAGAIN) => return Received::Nothing,
+        Err(e) => {
+            warn!("zygote: recvmsg: {e}");
+            return Received::Closed;
+        }
     };
     let len = msg.bytes;
     let mut chan = None;
@@ -195,24 +217,78 @@ fn receive(sock: &OwnedFd, buf: &mut [u8]) -> Result<Option<(SpawnRequest, Owned
         }
     }
     if len == 0 {
-        return Ok(None);
+        return Received::Closed;
     }
-    let req: SpawnRequest =
-        serde_json::from_slice(&buf[..len]).map_err(|e| format!("decode: {e}"))?;
-    let chan = chan.ok_or_else(|| format!("request {} carried no worker socket", req.token))?;
-    Ok(Some((req, chan)))
+    Received::Packet { len, chan }
 }
 
+/// Sends queued replies until the socket is full; false when the shim is gone.
+fn flush(sock: &OwnedFd, replies: &mut VecDeque<(Vec<u8>, Option<OwnedFd>)>) -> bool {
+    while let Some((bytes, fd)) = replies.front() {
+        let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(_) => {
+                replies.pop_front();
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return true,
+            Err(e) => {
+                error!("zygote: send a reply: {e}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn failed(token: u64, error: String) -> (Vec<u8>, Option<OwnedFd>) {
+    let ev = ZygoteEvent::SpawnFailed { error };
+    match encode_event(token, &ev) {
+        Ok(b) => (b, None),
+        Err(e) => {
+            // A message that does not fit in a packet: answer with a short one.
+            let short = ZygoteEvent::SpawnFailed {
+                error: format!("the zygote could not encode its answer: {e}"),
+            };
+            (encode_event(token, &short).unwrap_or_default(), None)
+        }
+    }
+}
+
+/// Serves one request packet: returns the reply to queue.
 fn spawn(
     engine: &wasmtime::Engine,
     sock: &OwnedFd,
-    sigfd: &SignalFd,
     own_pidns: Option<&std::fs::File>,
-    req: SpawnRequest,
-    chan: OwnedFd,
-) {
-    let token = req.token;
-    // A pid namespace is entered for children only, so the zygote enters it around the fork
+    packet: &[u8],
+    chan: Option<OwnedFd>,
+) -> (Vec<u8>, Option<OwnedFd>) {
+    let Some(token) = token(packet) else {
+        // No header, no token: nobody to answer. The shim only sends whole packets.
+        warn!("zygote: a packet without a header");
+        return (Vec::new(), None);
+    };
+    let mut req = match decode_request(packet) {
+        Ok((_, req)) => req,
+        Err(e) => {
+            return failed(
+                token,
+                format!("the zygote could not decode the request: {e}"),
+            );
+        }
+    };
+    let Some(chan) = chan else {
+        return failed(token, "the request carried no worker socket".to_string());
+    };
+    // A pid namespace is entered for children only, so the zygote enters it around the clone
     // and returns to its own at once.
     let pidns = req.plan.namespaces.iter().find_map(|n| match &n.action {
         kiln_plan::NamespaceAction::Join(path) if n.kind == "pid" => Some(path.clone()),
@@ -223,71 +299,52 @@ fn spawn(
             .map_err(|e| e.to_string())
             .and_then(|f| setns(f.as_fd(), CloneFlags::CLONE_NEWPID).map_err(|e| e.to_string()));
         if let Err(e) = entered {
-            let error = format!("join pid namespace {}: {e}", path.display());
-            send_event(sock, &ZygoteEvent::SpawnFailed { token, error });
-            return;
+            return failed(token, format!("join pid namespace {}: {e}", path.display()));
         }
     }
-    let in_pidns = pidns.is_some();
-    let mut req = req;
-    let forked = match req.clone_into.clone().as_deref().map(open_cgroup) {
-        Some(Ok(dir)) => match clone_into_cgroup(&dir) {
-            Ok(forked) => {
-                // Placed by the kernel at birth: nothing for the worker to join.
-                req.cgroup_procs.clear();
-                Ok(forked)
-            }
-            Err(e) => {
-                debug!("zygote: clone3 into a cgroup failed ({e}); the worker joins it instead");
-                // SAFETY: the zygote is single-threaded (checked at start, starts no thread).
-                unsafe { fork() }
-            }
-        },
+    let cgroup = match req.clone_into.as_deref().map(open_cgroup) {
+        Some(Ok(dir)) => Some(dir),
         Some(Err(e)) => {
             debug!("zygote: cannot open the worker's cgroup ({e}); the worker joins it instead");
-            // SAFETY: as above.
-            unsafe { fork() }
+            None
         }
-        // SAFETY: as above.
-        None => unsafe { fork() },
+        None => None,
     };
-    if in_pidns
+    let mut cloned = clone_worker(cgroup.as_ref());
+    if cgroup.is_some()
+        && let Err(e) = &cloned
+    {
+        debug!("zygote: clone3 into a cgroup failed ({e}); the worker joins it instead");
+        cloned = clone_worker(None);
+    } else if cgroup.is_some() {
+        // Placed by the kernel at birth: nothing for the worker to join.
+        req.cgroup_procs.clear();
+    }
+    if pidns.is_some()
         && let Some(own) = own_pidns
         && let Err(e) = setns(own.as_fd(), CloneFlags::CLONE_NEWPID)
     {
         error!("zygote: cannot return to its own pid namespace: {e}");
     }
-    match forked {
-        Ok(ForkResult::Child) => {
+    match cloned {
+        Ok(Cloned::Child) => {
             // The worker keeps only its own channel and stdio.
-            // SAFETY: closing descriptors this child owns copies of; nothing else uses them.
-            unsafe {
-                libc::close(sock.as_raw_fd());
-                libc::close(sigfd.as_fd().as_raw_fd());
-            }
+            // SAFETY: closing a descriptor this child owns a copy of; nothing else uses it.
+            unsafe { libc::close(sock.as_raw_fd()) };
             let code = crate::worker::main(engine, req, chan);
-            // SAFETY: leaving the forked child.
+            // SAFETY: leaving the cloned child.
             unsafe { libc::_exit(code) }
         }
-        Ok(ForkResult::Parent { child }) => {
+        Ok(Cloned::Parent { pid, pidfd }) => {
             drop(chan);
-            send_event(
-                sock,
-                &ZygoteEvent::Spawned {
-                    token,
-                    pid: child.as_raw(),
-                },
-            );
+            match encode_event(token, &ZygoteEvent::Spawned { pid: pid.as_raw() }) {
+                Ok(bytes) => (bytes, Some(pidfd)),
+                Err(e) => failed(token, e.to_string()),
+            }
         }
         Err(e) => {
             drop(chan);
-            send_event(
-                sock,
-                &ZygoteEvent::SpawnFailed {
-                    token,
-                    error: format!("fork: {e}"),
-                },
-            );
+            failed(token, format!("clone the worker: {e}"))
         }
     }
 }
@@ -321,7 +378,22 @@ struct CloneArgs {
 /// `CLONE_INTO_CGROUP` from `<linux/sched.h>` (not in the libc crate for every target).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// A `fork` whose child starts life in the cgroup v2 directory `cgroup`.
+/// What [`clone_worker`] returns on each side.
+pub enum Cloned {
+    /// In the new worker.
+    Child,
+    /// In the zygote.
+    Parent {
+        /// The worker's pid.
+        pid: Pid,
+        /// Its pidfd.
+        pidfd: OwnedFd,
+    },
+}
+
+/// A `fork` whose child is a child of the zygote's parent (`CLONE_PARENT`), with a pidfd
+/// (`CLONE_PIDFD`), and, given a cgroup v2 directory, starts life in that cgroup
+/// (`CLONE_INTO_CGROUP`).
 ///
 /// Moving a process into a cgroup afterwards (a write to `cgroup.procs`) takes the kernel's
 /// global threadgroup lock for writing, and the first such write after a quiet period waits a
@@ -329,19 +401,26 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// start. A child cloned into its cgroup only takes that lock for reading, like any fork, so it
 /// never waits. Like `fork`, this is only sound in a single-threaded process; the zygote is one.
 ///
-/// Errors (an old kernel without `clone3` or `CLONE_INTO_CGROUP`, or a v1 directory) are
-/// returned before any child exists; the caller then forks and joins the old way.
-pub fn clone_into_cgroup(cgroup: &OwnedFd) -> Result<ForkResult, Errno> {
-    let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
-        exit_signal: libc::SIGCHLD as u64,
-        cgroup: cgroup.as_raw_fd() as u64,
+/// Errors (a kernel without `clone3`, a v1 directory for `CLONE_INTO_CGROUP`) are returned
+/// before any child exists.
+pub fn clone_worker(cgroup: Option<&OwnedFd>) -> Result<Cloned, Errno> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_PARENT | libc::CLONE_PIDFD) as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        // With CLONE_PARENT the kernel requires 0 here and gives the child the zygote's own
+        // exit signal (SIGCHLD), delivered to the shim.
+        exit_signal: 0,
         ..CloneArgs::default()
     };
-    // SAFETY: `args` is a valid clone_args of the size passed. Without CLONE_VM and with no
-    // stack given, the child continues on a copy of this stack, exactly as after fork; the
-    // caller guarantees the process is single-threaded, so the child's copy of every lock
-    // (malloc's included) is unheld.
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    // SAFETY: `args` is a valid clone_args of the size passed, and `pidfd` outlives the call.
+    // Without CLONE_VM and with no stack given, the child continues on a copy of this stack,
+    // exactly as after fork; the caller guarantees the process is single-threaded, so the
+    // child's copy of every lock (malloc's included) is unheld.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -351,79 +430,12 @@ pub fn clone_into_cgroup(cgroup: &OwnedFd) -> Result<ForkResult, Errno> {
     };
     match ret {
         -1 => Err(Errno::last()),
-        0 => Ok(ForkResult::Child),
-        pid => Ok(ForkResult::Parent {
-            child: Pid::from_raw(pid as i32),
+        0 => Ok(Cloned::Child),
+        pid => Ok(Cloned::Parent {
+            pid: Pid::from_raw(pid as i32),
+            // SAFETY: clone3 with CLONE_PIDFD stored a new descriptor that we now own.
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
         }),
-    }
-}
-
-fn reap(sock: &OwnedFd) {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => send_event(
-                sock,
-                &ZygoteEvent::Exited {
-                    pid: pid.as_raw(),
-                    status: code,
-                },
-            ),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => send_event(
-                sock,
-                &ZygoteEvent::Exited {
-                    pid: pid.as_raw(),
-                    status: 128 + sig as i32,
-                },
-            ),
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(_) => continue,
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                warn!("zygote: waitpid: {e}");
-                return;
-            }
-        }
-    }
-}
-
-fn send_event(sock: &OwnedFd, ev: &ZygoteEvent) {
-    let bytes = match serde_json::to_vec(ev) {
-        Ok(b) => b,
-        Err(e) => {
-            error!("zygote: encode {ev:?}: {e}");
-            return;
-        }
-    };
-    loop {
-        match send(sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(_) => return,
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                warn!("zygote: send {ev:?}: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Sends a spawn request with the worker's channel. Used by the shim; blocking (the packet is
-/// small and the zygote drains its socket continuously).
-pub fn send_spawn(sock: RawFd, req: &SpawnRequest, chan: &OwnedFd) -> Result<(), String> {
-    let bytes = serde_json::to_vec(req).map_err(|e| format!("encode spawn request: {e}"))?;
-    let fds = [chan.as_raw_fd()];
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    loop {
-        match nix::sys::socket::sendmsg::<()>(
-            sock,
-            &[IoSlice::new(&bytes)],
-            &cmsg,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(format!("send spawn request to zygote: {e}")),
-        }
     }
 }
 
@@ -441,69 +453,109 @@ mod tests {
         }
     }
 
-    /// The cgroup2 mount point, if one is mounted (hybrid hosts mount one at
+    /// The cgroup2 mount point: this project's machines mount one (hybrid hosts at
     /// /sys/fs/cgroup/unified, without controllers, which is enough for placement).
-    fn cgroup2_mount() -> Option<std::path::PathBuf> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        text.lines().find_map(|l| {
-            let (before, after) = l.split_once(" - ")?;
-            (after.split(' ').next()? == "cgroup2")
-                .then(|| before.split(' ').nth(4).map(std::path::PathBuf::from))
-                .flatten()
-        })
+    fn cgroup2_mount() -> std::path::PathBuf {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        text.lines()
+            .find_map(|l| {
+                let (before, after) = l.split_once(" - ")?;
+                (after.split(' ').next()? == "cgroup2")
+                    .then(|| before.split(' ').nth(4).map(std::path::PathBuf::from))
+                    .flatten()
+            })
+            .expect("a cgroup2 mount (hybrid hosts have one at /sys/fs/cgroup/unified)")
     }
 
-    #[test]
-    fn clone_into_cgroup_places_the_child_at_birth() {
-        let Some(mount) = cgroup2_mount() else {
-            eprintln!("no cgroup2 mount on this machine; nothing to test");
-            return;
-        };
-        let name = format!("kiln-clone-test-{}", std::process::id());
-        let dir = mount.join(&name);
-        std::fs::create_dir(&dir).expect("create a v2 cgroup");
-        let fd = open_cgroup(&dir).expect("open it");
-        // The harness is multi-threaded: the child only pauses (async-signal-safe) until
-        // killed, which is sound after fork or clone in any process.
-        match clone_into_cgroup(&fd).expect("clone3 into the cgroup") {
-            ForkResult::Child => loop {
-                // SAFETY: pause is async-signal-safe.
-                unsafe { libc::pause() };
-            },
-            ForkResult::Parent { child } => {
-                let cgroup = std::fs::read_to_string(format!("/proc/{child}/cgroup"));
-                let procs = std::fs::read_to_string(dir.join("cgroup.procs"));
-                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-                let _ = waitpid(child, None);
-                let _ = std::fs::remove_dir(&dir);
-                let cgroup = cgroup.expect("read the child's cgroup");
-                assert!(
-                    cgroup.lines().any(|l| l == format!("0::/{name}")),
-                    "child not in {name}: {cgroup}"
-                );
-                assert_eq!(procs.expect("read cgroup.procs").trim(), child.to_string());
+    /// Runs `f` in a forked child (the test harness is multi-threaded; clone_worker's
+    /// CLONE_PARENT would make the worker a child of the harness's parent otherwise) and
+    /// returns its exit status.
+    fn in_child(f: fn() -> i32) -> i32 {
+        // SAFETY: the child makes only raw syscalls and file reads, then _exits.
+        match unsafe { libc::fork() } {
+            0 => unsafe { libc::_exit(f()) },
+            pid => {
+                let mut status = 0;
+                // SAFETY: our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                assert!(libc::WIFEXITED(status), "status {status:#x}");
+                libc::WEXITSTATUS(status)
             }
         }
     }
 
     #[test]
-    fn clone_into_a_v1_cgroup_fails_without_a_child() {
-        let Some(v1) = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"]
-            .iter()
-            .map(std::path::Path::new)
-            .find(|p| p.join("memory.limit_in_bytes").exists() || p.join("pids.max").exists())
-        else {
-            eprintln!("no cgroup v1 hierarchy on this machine; nothing to test");
-            return;
-        };
-        let fd = open_cgroup(v1).expect("open the v1 root");
-        match clone_into_cgroup(&fd) {
-            Err(_) => {}
-            Ok(ForkResult::Child) => unsafe { libc::_exit(0) },
-            Ok(ForkResult::Parent { child }) => {
-                let _ = waitpid(child, None);
-                panic!("clone3 into a v1 cgroup made a child");
+    fn a_worker_is_cloned_into_its_cgroup_as_a_child_of_the_zygotes_parent() {
+        let mount = cgroup2_mount();
+        let name = format!("kiln-clone-test-{}", std::process::id());
+        let dir = mount.join(&name);
+        std::fs::create_dir(&dir).expect("create a v2 cgroup");
+        // SAFETY: setting a variable read by the forked child below, before it forks.
+        unsafe { std::env::set_var("KILN_CLONE_TEST_DIR", &dir) };
+        // In a child (standing in for the zygote): clone a worker into the cgroup and check
+        // the worker's parent is the child's parent (this test process) and its cgroup.
+        let code = in_child(|| {
+            let dir = std::env::var_os("KILN_CLONE_TEST_DIR").expect("dir");
+            let Ok(fd) = open_cgroup(std::path::Path::new(&dir)) else {
+                return 10;
+            };
+            match clone_worker(Some(&fd)) {
+                Ok(Cloned::Child) => loop {
+                    // SAFETY: pause is async-signal-safe.
+                    unsafe { libc::pause() };
+                },
+                Ok(Cloned::Parent { pid, pidfd }) => {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let ppid: i32 = stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, r)| r.split(' ').nth(1)?.parse().ok())
+                        .unwrap_or(0);
+                    let cg =
+                        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+                    // SAFETY: pidfd_send_signal on the worker's pidfd.
+                    unsafe {
+                        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 9, 0, 0)
+                    };
+                    // SAFETY: getppid has no preconditions.
+                    let expected = unsafe { libc::getppid() };
+                    let name = std::path::Path::new(&dir)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if ppid != expected {
+                        return 11;
+                    }
+                    if !cg.lines().any(|l| l == format!("0::/{name}")) {
+                        return 12;
+                    }
+                    0
+                }
+                Err(_) => 13,
             }
+        });
+        // The worker, our child through CLONE_PARENT, was killed: reap it.
+        let mut status = 0;
+        // SAFETY: reaping whatever child of ours has ended.
+        unsafe { libc::waitpid(-1, &mut status, 0) };
+        let _ = std::fs::remove_dir(&dir);
+        assert_eq!(
+            code, 0,
+            "11: wrong parent, 12: wrong cgroup, 13: clone3 failed"
+        );
+    }
+
+    #[test]
+    fn clone_into_a_directory_that_is_not_a_v2_cgroup_fails_without_a_child() {
+        // A v1 cgroup or any other directory: the kernel refuses before making a child, and
+        // the zygote then clones without CLONE_INTO_CGROUP.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fd = open_cgroup(dir.path()).expect("open");
+        match clone_worker(Some(&fd)) {
+            Err(_) => {}
+            // SAFETY: leaving a child that should not exist.
+            Ok(Cloned::Child) => unsafe { libc::_exit(0) },
+            Ok(Cloned::Parent { .. }) => panic!("clone3 into a plain directory made a child"),
         }
     }
 }

@@ -847,3 +847,78 @@ fn real_v2_device_program_denies_what_it_does_not_allow() {
     drop(guard);
     assert_eq!(opened, [true, true, false, false]);
 }
+
+/// The OOM notification through the real kernel: a child in a cgroup with a 16 MiB limit
+/// touches 64 MiB and is OOM-killed; the notification says so.
+#[test]
+fn real_oom_kill_is_notified() {
+    assert_root("real_oom_kill_is_notified");
+    let layout = Layout::detect().unwrap();
+    if layout.version() == 2
+        && !fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .unwrap_or_default()
+            .contains("memory")
+    {
+        panic!("a v2 node without the memory controller cannot enforce memory limits");
+    }
+    let name = format!("/kiln-test-oom-{}", std::process::id());
+    let resources = Resources {
+        memory_limit: Some(16 << 20),
+        memory_swap: Some(16 << 20),
+        ..Resources::default()
+    };
+    let cg = Cgroup::create(&layout, &name, "", &resources).unwrap();
+    let guard = Cleanup(Some(cg.clone()), None);
+    let mut events = cg.oom_events().unwrap();
+    assert_eq!(events.take().unwrap(), 0, "no OOM yet");
+    let procs: Vec<std::ffi::CString> = cg
+        .dirs()
+        .iter()
+        .map(|d| {
+            std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .unwrap()
+        })
+        .collect();
+    // SAFETY: the child only joins the cgroup and touches anonymous memory (mmap, no malloc).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            for p in &procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            let len = 64 << 20;
+            let mem = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if mem != libc::MAP_FAILED {
+                libc::memset(mem, 1, len);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&events.fd()),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one descriptor we hold.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    let kills = events.take().unwrap();
+    drop(guard);
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        "the child was not OOM-killed: {status:#x}"
+    );
+    assert_eq!(ready, 1, "the notification did not become readable");
+    assert!(kills >= 1, "no OOM kill counted");
+}

@@ -1,0 +1,273 @@
+//! Create: from containerd's request to a worker that is set up and waiting for Start.
+//!
+//! The steps that touch files and syscalls (the log pipe, `config.json`, the rootfs mount, the
+//! plan, the seccomp filter, the cgroup) run on a blocking thread, never on the shim's async
+//! runtime; then the zygote forks the worker, and its one-line setup report is read with a size
+//! and a time limit, so a worker whose setup hangs fails Create with a clear error.
+//!
+//! Whatever a failed or cancelled Create made is taken back by [`Undo`], a drop guard: the
+//! worker (killed through its pidfd), the cgroup and the rootfs mount.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::api::CreateTaskRequest;
+use kiln_cgroups::{Cgroup, Layout};
+use kiln_worker::protocol::MAX_REPORT;
+use kiln_worker::{SpawnRequest, Stdio, WorkerReport};
+use log::{debug, warn};
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use crate::service::{Service, default_cgroup, unmount_rootfs};
+use crate::task::{Parts, Task, pidfd_send_signal};
+
+/// How long a worker may take to set up (`KILN_SETUP_TIMEOUT_SECS`, default 120): a cache miss
+/// compiled with `KILN_FIRST_START=optimized` on a loaded node is the slowest legitimate case.
+fn setup_timeout() -> Duration {
+    let secs = std::env::var("KILN_SETUP_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    Duration::from_secs(secs)
+}
+
+/// What a Create made so far, taken back when the guard is dropped unarmed.
+#[derive(Default)]
+pub struct Undo {
+    made: Made,
+}
+
+/// The things themselves (without a destructor of their own, so the guard can move them to a
+/// blocking thread).
+#[derive(Default)]
+struct Made {
+    rootfs: Option<PathBuf>,
+    cgroup: Option<Cgroup>,
+    worker: Option<OwnedFd>,
+}
+
+impl Made {
+    fn run(self) {
+        if let Some(pidfd) = &self.worker {
+            let _ = pidfd_send_signal(pidfd, libc::SIGKILL);
+        }
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.kill_all();
+            if let Err(e) = cg.remove() {
+                warn!("remove cgroup after a failed create: {e}");
+            }
+        }
+        if let Some(rootfs) = &self.rootfs {
+            unmount_rootfs(rootfs);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rootfs.is_none() && self.cgroup.is_none() && self.worker.is_none()
+    }
+}
+
+impl Undo {
+    /// Disarms the guard: everything it holds now belongs to the task.
+    fn disarm(&mut self) {
+        self.made = Made::default();
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let made = std::mem::take(&mut self.made);
+        if made.is_empty() {
+            return;
+        }
+        // Removing a cgroup waits for the kernel: on a blocking thread when there is a runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || made.run());
+            }
+            Err(_) => made.run(),
+        }
+    }
+}
+
+/// The blocking part of Create.
+struct Prepared {
+    plan: kiln_plan::Plan,
+    seccomp: Option<kiln_sandbox::seccomp::Filter>,
+    cgroup: Cgroup,
+    rootfs: Option<PathBuf>,
+    undo: Undo,
+}
+
+fn prepare(
+    req: &CreateTaskRequest,
+    namespace: &str,
+    host: &kiln_plan::Host,
+    layout: &Layout,
+) -> Result<Prepared, String> {
+    let mut undo = Undo::default();
+    let bundle = PathBuf::from(&req.bundle);
+    if let Err(e) = crate::logging::add(&req.id, &bundle) {
+        debug!(id = req.id.as_str(); "no log pipe in {}: {e}", bundle.display());
+    }
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("read config.json: {e}"))?;
+    if req.terminal {
+        return Err("terminal: true is not supported by Kiln yet (run without -t / tty)".into());
+    }
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    let rootfs = if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    };
+    let mut mounted = None;
+    if !req.rootfs.is_empty() {
+        std::fs::create_dir_all(&rootfs)
+            .map_err(|e| format!("create {}: {e}", rootfs.display()))?;
+        for m in &req.rootfs {
+            let typ = Some(m.type_.as_str()).filter(|s| !s.is_empty());
+            let source = Some(m.source.as_str()).filter(|s| !s.is_empty());
+            containerd_shim::mount::mount_rootfs(typ, source, &m.options, &rootfs)
+                .map_err(|e| format!("mount rootfs ({}): {e}", m.type_))?;
+            undo.made.rootfs = Some(rootfs.clone());
+            mounted = Some(rootfs.clone());
+        }
+    }
+    let plan = kiln_plan::plan(&req.id, &spec, &rootfs, host).map_err(|e| e.to_string())?;
+    let seccomp = crate::seccomp::filter(&plan.sandbox.seccomp)?;
+    let cgroup = Cgroup::create(
+        layout,
+        &plan.cgroups_path,
+        &default_cgroup(namespace, &req.id),
+        &plan.resources,
+    )
+    .map_err(|e| format!("cgroup: {e}"))?;
+    undo.made.cgroup = Some(cgroup.clone());
+    Ok(Prepared {
+        plan,
+        seccomp,
+        cgroup,
+        rootfs: mounted,
+        undo,
+    })
+}
+
+/// Reads the worker's one-line report, at most [`MAX_REPORT`] bytes.
+async fn read_report(chan: &mut tokio::net::UnixStream) -> Result<WorkerReport, String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = chan
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read the worker's report: {e}"))?;
+        if n == 0 {
+            return Err("the worker exited during setup".to_string());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            return serde_json::from_slice(&buf[..end])
+                .map_err(|e| format!("bad worker report: {e}"));
+        }
+        if buf.len() > MAX_REPORT {
+            return Err(format!(
+                "the worker's report is longer than {MAX_REPORT} bytes"
+            ));
+        }
+    }
+}
+
+/// Everything Create does; on error, what it made is gone by the time the error is seen.
+pub async fn create(
+    svc: &Service,
+    req: &CreateTaskRequest,
+) -> Result<(Task, oneshot::Receiver<i32>), String> {
+    let t0 = Instant::now();
+    // An earlier container with this id may still be cleaning up its cgroup.
+    svc.table.cleanups_of(&req.id).await;
+    let layout = svc.layout()?;
+    let host = *svc.host();
+    let namespace = svc.namespace.clone();
+    let r = req.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&r, &namespace, &host, &layout))
+        .await
+        .map_err(|e| format!("prepare the container: {e}"))??;
+    let Prepared {
+        plan,
+        seccomp,
+        cgroup,
+        rootfs,
+        mut undo,
+    } = prepared;
+    let t_plan = t0.elapsed();
+
+    let stdio = Stdio {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+    };
+    let spawn = SpawnRequest {
+        plan,
+        stdio: stdio.clone(),
+        cgroup_procs: cgroup
+            .dirs()
+            .iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect(),
+        clone_into: (cgroup.version() == 2)
+            .then(|| cgroup.dirs().into_iter().next())
+            .flatten(),
+        cache_root: svc.cache_root.clone(),
+        log_path: Some(Path::new(&req.bundle).join("log")),
+        seccomp,
+    };
+    let spawned = svc.zygote.spawn(&spawn).await?;
+    undo.made.worker = Some(
+        spawned
+            .pidfd
+            .try_clone()
+            .map_err(|e| format!("keep the worker's pidfd: {e}"))?,
+    );
+    let t_spawn = t0.elapsed();
+
+    let mut chan = spawned.chan;
+    let timeout = setup_timeout();
+    let report = match tokio::time::timeout(timeout, read_report(&mut chan)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(format!(
+                "the worker did not finish its setup within {timeout:?} \
+                 (KILN_SETUP_TIMEOUT_SECS)"
+            ));
+        }
+    };
+    if let WorkerReport::Failed { error } = report {
+        return Err(error);
+    }
+    debug!(
+        id = req.id.as_str();
+        "create {}: plan {t_plan:?}, spawn {t_spawn:?}, ready {:?} ({report:?})",
+        req.id,
+        t0.elapsed()
+    );
+    // Armed no more: the task owns its worker, cgroup and mount from here.
+    undo.disarm();
+    let task = Task::new(Parts {
+        id: req.id.clone(),
+        bundle: req.bundle.clone(),
+        pid: spawned.pid,
+        pidfd: spawned.pidfd,
+        chan,
+        stdio,
+        rootfs,
+        cgroup: Some(cgroup),
+    });
+    Ok((task, spawned.exit))
+}
