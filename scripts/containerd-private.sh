@@ -5,6 +5,11 @@
 #
 #   containerd-private.sh start DIR [--cri] [--netns NAME] [--bin-dir DIR_WITH_CONTAINERD]
 #   containerd-private.sh stop DIR
+#   containerd-private.sh restart DIR [--down SECONDS]
+#
+# `restart` stops the containerd daemon only (SIGTERM: its shims and containers keep running,
+# as when a node's containerd is restarted), waits SECONDS (default 0) and starts it again with
+# the same configuration and environment variables as the caller gives.
 #
 # `start` prints the socket path on stdout once containerd answers. The shim binary is found
 # on containerd's PATH: put the directory holding containerd-shim-kiln-v1 first in PATH (with
@@ -26,12 +31,13 @@
 # mounts and cgroups stay visible to the caller. `stop` deletes the namespace.
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR [--cri] [--netns NAME] [--bin-dir DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|restart DIR [--cri] [--netns NAME] [--bin-dir DIR] [--down SECONDS]" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1; dir=$(realpath -m "$2"); shift 2
-cri=0; bindir=""; netns=""
+cri=0; bindir=""; netns=""; down=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --down) [ $# -ge 2 ] || usage; down=$2; shift ;;
     --cri) cri=1 ;;
     --bin-dir) [ $# -ge 2 ] || usage; bindir=$(realpath -m "$2"); shift ;;
     --netns) [ $# -ge 2 ] || usage; netns=$2; shift ;;
@@ -214,6 +220,7 @@ TOML
     launch=(nsenter "--net=/run/netns/$netns" --)
   fi
   echo "$ctr_bin" >"$dir/ctr-bin"
+  printf '%q ' "${launch[@]}" "$containerd_bin" --config "$dir/config.toml" >"$dir/daemon-cmd"
   "${launch[@]}" "$containerd_bin" --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
   for _ in $(seq 1 200); do
@@ -230,6 +237,25 @@ TOML
     sleep 0.05
   done
   echo "containerd did not answer on $dir/containerd.sock; log:" >&2
+  tail -20 "$dir/containerd.log" >&2
+  exit 1
+  ;;
+restart)
+  [ -f "$dir/daemon-cmd" ] || { echo "no containerd was started in $dir" >&2; exit 1; }
+  pid=$(cat "$dir/containerd.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  sleep "$down"
+  eval "$(cat "$dir/daemon-cmd")" >>"$dir/containerd.log" 2>&1 &
+  echo $! >"$dir/containerd.pid"
+  ctr_bin=$(cat "$dir/ctr-bin")
+  for _ in $(seq 1 200); do
+    if "$ctr_bin" --address "$dir/containerd.sock" version >/dev/null 2>&1; then
+      exit 0
+    fi
+    sleep 0.05
+  done
+  echo "containerd did not come back on $dir/containerd.sock; log:" >&2
   tail -20 "$dir/containerd.log" >&2
   exit 1
   ;;

@@ -79,6 +79,8 @@ pub struct Kiln {
     pub sock: String,
     /// The `ctr` matching the containerd under test.
     pub ctr: PathBuf,
+    /// The environment containerd was started with (so a restart gives it the same).
+    daemon_env: Vec<(String, String)>,
 }
 
 /// The directory of the containerd (and ctr) binaries under test: `KILN_E2E_CONTAINERD_BIN`
@@ -240,9 +242,13 @@ fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
     if let Some(bin) = containerd_bin_dir() {
         cmd.arg("--bin-dir").arg(bin);
     }
-    cmd.envs(env);
-    cmd.env("PATH", path)
-        .env("KILN_CACHE_DIR", dir.join("cache"));
+    let mut daemon_env = env;
+    daemon_env.push(("PATH".to_string(), path));
+    daemon_env.push((
+        "KILN_CACHE_DIR".to_string(),
+        dir.join("cache").display().to_string(),
+    ));
+    cmd.envs(daemon_env.iter().map(|(k, v)| (k, v)));
     let out = process::run(cmd, Duration::from_secs(60));
     if !out.success() {
         return Err(format!("starting containerd failed:\n{out}"));
@@ -260,6 +266,7 @@ fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
         dir,
         sock,
         ctr: tool("ctr"),
+        daemon_env,
     };
     for w in WORKLOADS {
         let tar = k.images_dir.join(format!("{w}.tar"));
@@ -319,6 +326,18 @@ fn install_panic_hook() {
 }
 
 impl Kiln {
+    /// Stops the containerd daemon (its shims and containers keep running), waits `down`, and
+    /// starts it again with the same configuration: a node's containerd restarted.
+    pub fn restart_containerd(&self, down: Duration) -> Output {
+        let mut cmd = Command::new(self.repo.join("scripts/containerd-private.sh"));
+        cmd.arg("restart")
+            .arg(&self.dir)
+            .arg("--down")
+            .arg(format!("{:.3}", down.as_secs_f64()))
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
+        process::run(cmd, Duration::from_secs(60) + down)
+    }
+
     /// containerd's log (it holds the shim's log lines too).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("containerd.log")
@@ -550,6 +569,35 @@ impl Container {
     /// This container's task in `ctr task ls`.
     pub fn task(&self) -> Option<TaskInfo> {
         self.k.task(&self.id)
+    }
+
+    /// The exit status of this container's task, as containerd holds it (asked over its gRPC
+    /// API, so no client's wording has to be parsed); `None` while it runs or when there is
+    /// no task.
+    pub fn exit_status(&self) -> Option<u32> {
+        use containerd_client::services::v1::GetRequest;
+        use containerd_client::services::v1::tasks_client::TasksClient;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the gRPC call");
+        rt.block_on(async {
+            let ctx = probe::client::Ctx::connect(Path::new(&self.k.sock), "default")
+                .await
+                .expect("connect to containerd");
+            let mut tasks = TasksClient::new(ctx.channel.clone());
+            let resp = tasks
+                .get(ctx.req(GetRequest {
+                    container_id: self.id.clone(),
+                    exec_id: String::new(),
+                }))
+                .await
+                .ok()?
+                .into_inner();
+            let p = resp.process?;
+            // containerd's Status: 3 is STOPPED.
+            (p.status == 3).then_some(p.exit_status)
+        })
     }
 
     /// Waits up to `timeout` for the task to reach `status`.

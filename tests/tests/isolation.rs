@@ -165,9 +165,12 @@ fn a_worker_that_compiled_keeps_no_compiler_threads() {
     // keeps neither a compiler's heap nor the parallel compiler's thread pool: once running, a
     // worker that compiled looks like one that mapped the cached artifact.
     let k = kiln();
-    let (reference, _) = k.import_unique("sleep", "uncached");
+    let (reference, key) = k.import_unique("sleep", "uncached");
     let miss = k.container("compiled-miss");
     let miss_pid = start_image(&miss, &reference, &[]);
+    // The second container must really map the artifact: wait for the cache fill first.
+    let cached = kiln_e2e::wait_until(Duration::from_secs(120), || k.cached_artifact(&key));
+    assert!(cached.is_some(), "the cache fill did not store the module");
     let hit = k.container("compiled-hit");
     let hit_pid = start_image(&hit, &reference, &[]);
     let threads = |pid| proc_status(pid, "Threads");
@@ -182,8 +185,12 @@ fn a_worker_that_compiled_keeps_no_compiler_threads() {
     stop(&miss);
     stop(&hit);
     assert!(
-        !hit_threads.is_empty(),
-        "no status for the worker {hit_pid}"
+        !hit_threads.is_empty() && !miss_threads.is_empty(),
+        "no status for the workers {miss_pid} and {hit_pid}"
+    );
+    assert!(
+        miss_rss > 0 && hit_rss > 0,
+        "unreadable RSS: {miss_rss} and {hit_rss} KiB"
     );
     assert_eq!(
         miss_threads, hit_threads,

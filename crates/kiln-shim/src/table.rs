@@ -130,3 +130,48 @@ impl Table {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_is_reserved_at_once_and_freed_by_a_failed_create() {
+        let table = Table::default();
+        let first = table.reserve("c1").expect("free");
+        assert!(
+            table.reserve("c1").is_none(),
+            "a second Create of c1 must fail at once"
+        );
+        assert!(
+            !table.is_idle(),
+            "a Create in flight keeps a shared shim up"
+        );
+        assert!(
+            table.get("c1").is_none(),
+            "a reservation is not a container"
+        );
+        drop(first);
+        assert!(table.is_idle());
+        assert!(
+            table.reserve("c1").is_some(),
+            "a failed Create frees its id"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_create_waits_for_the_cleanup_of_the_id_it_reuses() {
+        let table = Table::default();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        table.clean_up_in_background("c1", move || {
+            let _ = rx.recv();
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let waiter = table.cleanups_of("c1");
+        tx.send(()).expect("release the cleanup");
+        waiter.await;
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}

@@ -248,9 +248,17 @@ mod tests {
     const WAT: &str = r#"
         (module
           (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+          (import "wasi_snapshot_preview1" "sock_shutdown"
+            (func $sock_shutdown (param i32 i32) (result i32)))
           (memory (export "memory") 1)
           (func (export "_start") (call $exit (i32.const 3)))
           (func (export "exit130") (call $exit (i32.const 130)))
+          ;; exit with sock_shutdown's errno for a descriptor that does not exist (99), and
+          ;; for one that is not a socket (3, the rootfs preopen)
+          (func (export "shutdown_bad")
+            (call $exit (call $sock_shutdown (i32.const 99) (i32.const 2))))
+          (func (export "shutdown_dir")
+            (call $exit (call $sock_shutdown (i32.const 3) (i32.const 2))))
           (func (export "exit256") (call $exit (i32.const 259)))
           (func (export "boom") unreachable)
           (func (export "ok"))
@@ -306,6 +314,15 @@ mod tests {
             Ok(3),
             "proc_exit(259) keeps the low 8 bits"
         );
+    }
+
+    #[test]
+    fn wasi_calls_answer_the_specifications_errnos() {
+        // sock_shutdown (wasi-testsuite's sock_shutdown-invalid_fd): EBADF (8) for a descriptor
+        // that does not exist, ENOTSOCK (57) for one that is not a socket. The testsuite runs
+        // that test with no preopen, so its fd 3 does not exist; under Kiln fd 3 is the rootfs.
+        assert_eq!(status("shutdown_bad", None), Ok(8));
+        assert_eq!(status("shutdown_dir", None), Ok(57));
     }
 
     #[test]

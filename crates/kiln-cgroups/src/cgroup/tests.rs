@@ -598,31 +598,10 @@ impl Drop for Cleanup {
     }
 }
 
-fn skippable(err: &Error) -> bool {
-    let source = match err {
-        Error::Io { source, .. } | Error::Write { source, .. } => source,
-        _ => return false,
-    };
-    matches!(
-        source.kind(),
-        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
-    )
-}
-
 #[test]
 fn real_machine_round_trip() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping real_machine_round_trip: not root");
-        return;
-    }
-    let layout = match Layout::detect() {
-        Ok(layout) => layout,
-        Err(e) => {
-            eprintln!("skipping real_machine_round_trip: {e}");
-            return;
-        }
-    };
+    assert_root("real_machine_round_trip");
+    let layout = Layout::detect().expect("this machine's cgroup layout");
     let name = {
         use std::hash::{BuildHasher, Hash, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -638,18 +617,8 @@ fn real_machine_round_trip() {
         cpu_period: Some(100_000),
         ..Resources::default()
     };
-    let cg = match Cgroup::create(&layout, &name, "", &resources) {
-        Ok(cg) => cg,
-        Err(e) if skippable(&e) => {
-            eprintln!("skipping real_machine_round_trip: cgroupfs not writable: {e}");
-            // Whatever got created before the failure.
-            if let Ok(cg) = Cgroup::open(&layout, &name, "") {
-                let _ = cg.remove();
-            }
-            return;
-        }
-        Err(e) => panic!("create {name} in {layout:?}: {e}"),
-    };
+    let cg = Cgroup::create(&layout, &name, "", &resources)
+        .unwrap_or_else(|e| panic!("create {name} in {layout:?}: {e}"));
     let mut guard = Cleanup(Some(cg.clone()), None);
     eprintln!(
         "real_machine_round_trip: cgroup v{} at {:?}",
@@ -693,33 +662,20 @@ fn real_machine_round_trip() {
 /// `cgroup.kill` and rmdir.
 #[test]
 fn real_unified_hierarchy_round_trip() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping real_unified_hierarchy_round_trip: not root");
-        return;
-    }
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        eprintln!("skipping real_unified_hierarchy_round_trip: no mountinfo");
-        return;
-    };
-    let Some(line) = mountinfo.lines().find(|l| {
-        l.split(" - ")
-            .nth(1)
-            .is_some_and(|t| t.starts_with("cgroup2 "))
-    }) else {
-        eprintln!("skipping real_unified_hierarchy_round_trip: no cgroup2 mount");
-        return;
-    };
+    assert_root("real_unified_hierarchy_round_trip");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let line = mountinfo
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .expect("a cgroup2 mount (hybrid hosts have one at /sys/fs/cgroup/unified)");
     let layout = Layout::from_mountinfo(line).unwrap();
     let name = format!("/kiln-test-v2-{}", std::process::id());
-    let cg = match Cgroup::create(&layout, &name, "", &Resources::default()) {
-        Ok(cg) => cg,
-        Err(e) if skippable(&e) => {
-            eprintln!("skipping real_unified_hierarchy_round_trip: not writable: {e}");
-            return;
-        }
-        Err(e) => panic!("create {name}: {e}"),
-    };
+    let cg = Cgroup::create(&layout, &name, "", &Resources::default())
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
     let mut guard = Cleanup(Some(cg.clone()), None);
     let child = sleeper();
     let pid = child.id() as i32;
