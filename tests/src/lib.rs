@@ -175,6 +175,46 @@ fn missing_images(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Where the test images are (`KILN_TEST_IMAGES`, default `<target>/test-images`), built with
+/// `scripts/build-test-images.sh` once per test binary when missing.
+pub fn test_images_dir() -> Result<PathBuf, String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let repo = repo_root();
+        let bin_dir = find_bin_dir(&repo)?;
+        let images_dir = match std::env::var_os("KILN_TEST_IMAGES") {
+            Some(d) => PathBuf::from(d),
+            None => bin_dir
+                .parent()
+                .map(|t| t.join("test-images"))
+                .unwrap_or_else(|| repo.join("target/test-images")),
+        };
+        if !missing_images(&images_dir).is_empty() {
+            eprintln!(
+                "kiln-e2e: test images missing in {}; running scripts/build-test-images.sh",
+                images_dir.display()
+            );
+            let mut cmd = Command::new(repo.join("scripts/build-test-images.sh"));
+            cmd.arg(&images_dir).env(
+                "CARGO_BUILD_JOBS",
+                std::env::var("CARGO_BUILD_JOBS").unwrap_or_else(|_| "1".into()),
+            );
+            let out = process::run(cmd, Duration::from_secs(1800));
+            let missing = missing_images(&images_dir);
+            if !out.success() || !missing.is_empty() {
+                return Err(format!(
+                    "the test images are missing ({}) and building them failed.\n\
+                     Build them with: scripts/build-test-images.sh {}\n{out}",
+                    missing.join(", "),
+                    images_dir.display()
+                ));
+            }
+        }
+        Ok(images_dir)
+    })
+    .clone()
+}
+
 fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
     install_panic_hook();
     let repo = repo_root();
@@ -192,35 +232,7 @@ fn setup(env: Vec<(String, String)>) -> Result<Kiln, String> {
         }
     }
 
-    // The test images: built once per test binary if missing (the lock is the OnceLock).
-    let images_dir = match std::env::var_os("KILN_TEST_IMAGES") {
-        Some(d) => PathBuf::from(d),
-        None => bin_dir
-            .parent()
-            .map(|t| t.join("test-images"))
-            .unwrap_or_else(|| repo.join("target/test-images")),
-    };
-    if !missing_images(&images_dir).is_empty() {
-        eprintln!(
-            "kiln-e2e: test images missing in {}; running scripts/build-test-images.sh",
-            images_dir.display()
-        );
-        let mut cmd = Command::new(repo.join("scripts/build-test-images.sh"));
-        cmd.arg(&images_dir).env(
-            "CARGO_BUILD_JOBS",
-            std::env::var("CARGO_BUILD_JOBS").unwrap_or_else(|_| "1".into()),
-        );
-        let out = process::run(cmd, Duration::from_secs(1800));
-        let missing = missing_images(&images_dir);
-        if !out.success() || !missing.is_empty() {
-            return Err(format!(
-                "the test images are missing ({}) and building them failed.\n\
-                 Build them with: scripts/build-test-images.sh {}\n{out}",
-                missing.join(", "),
-                images_dir.display()
-            ));
-        }
-    }
+    let images_dir = test_images_dir()?;
 
     let dir = tempfile::Builder::new()
         .prefix("kiln-e2e-")

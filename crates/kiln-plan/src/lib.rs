@@ -37,11 +37,34 @@ pub const DEFAULT_ENTRY_FUNC: &str = "_start";
 /// The first four bytes of every Wasm binary (modules and components alike).
 pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
 
+/// What a container is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// It runs a Wasm guest.
+    Guest,
+    /// It is a Kubernetes pod's sandbox (the CRI's "pause" container): it runs no guest, holds
+    /// the pod's cgroup and the namespaces its containers join, and waits for its signal.
+    PodSandbox,
+}
+
+/// The annotation the CRI sets on each container it creates: `sandbox` or `container`.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+/// Whether `spec` is a pod sandbox's.
+pub fn is_pod_sandbox(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
+        .is_some_and(|t| t == "sandbox")
+}
+
 /// Everything a worker needs to run one container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The container id, used in every error message.
     pub id: String,
+    /// What the container is for.
+    pub role: Role,
     /// Host path of the module file, inside the container's rootfs.
     pub module_path: PathBuf,
     /// Whether the file is a core module or a component.
@@ -223,6 +246,9 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
     if process.terminal().unwrap_or(false) {
         return Err(PlanError::Terminal);
     }
+    if is_pod_sandbox(spec) {
+        return pod_sandbox(id, spec, host);
+    }
     let args = process.args().clone().unwrap_or_default();
     let first = args.first().ok_or(PlanError::NoArgs)?;
     let (name, entry_func) = split_entrypoint(first)?;
@@ -272,7 +298,7 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
         .and_then(|l| l.cgroups_path().as_ref())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let (namespaces, skipped) = sandbox::namespaces(spec, module_kind)?;
+    let (namespaces, skipped) = sandbox::namespaces(spec, module_kind, Role::Guest)?;
     let sandbox = sandbox::sandbox(spec, host, &resources, &namespaces, skipped, dev_is_bound)?;
 
     let u = process.user();
@@ -285,6 +311,7 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
 
     Ok(Plan {
         id: id.to_string(),
+        role: Role::Guest,
         module_path,
         module_kind,
         entry_func: entry_func.to_string(),
@@ -297,6 +324,46 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
         cgroups_path,
         namespaces,
         user,
+        sandbox,
+    })
+}
+
+/// The plan of a pod sandbox: no module, no files; the namespaces, identity, cgroup and
+/// sandbox settings of its spec. Its image (a pause binary) is not looked at.
+fn pod_sandbox(id: &str, spec: &Spec, host: &Host) -> Result<Plan, PlanError> {
+    let process = spec.process().as_ref().ok_or(PlanError::NoProcess)?;
+    let resources = sandbox::resources(spec, host)?;
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (namespaces, skipped) = sandbox::namespaces(spec, ModuleKind::Core, Role::PodSandbox)?;
+    // No guest files: no /dev of its own either.
+    let mut sandbox = sandbox::sandbox(spec, host, &resources, &namespaces, skipped, true)?;
+    sandbox.dev_nodes = None;
+    let u = process.user();
+    Ok(Plan {
+        id: id.to_string(),
+        role: Role::PodSandbox,
+        module_path: PathBuf::new(),
+        module_kind: ModuleKind::Core,
+        entry_func: String::new(),
+        args: process.args().clone().unwrap_or_default(),
+        env: Vec::new(),
+        cwd: "/".to_string(),
+        cwd_in: (0, PathBuf::new()),
+        preopens: Vec::new(),
+        resources,
+        cgroups_path,
+        namespaces,
+        user: User {
+            uid: u.uid(),
+            gid: u.gid(),
+            additional_gids: u.additional_gids().clone().unwrap_or_default(),
+            umask: u.umask(),
+        },
         sandbox,
     })
 }

@@ -275,6 +275,21 @@ fn dev_nodes(spec: &Spec) -> Result<Vec<DeviceNode>, PlanError> {
     Ok(nodes)
 }
 
+/// Whether `path` names the pid or network namespace the planning process (the shim, in the
+/// node's namespaces) is in.
+fn is_own_namespace(kind: &str, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let own = match kind {
+        "pid" => "/proc/self/ns/pid",
+        "network" => "/proc/self/ns/net",
+        _ => return false,
+    };
+    match (std::fs::metadata(path), std::fs::metadata(own)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn kind_name(t: LinuxNamespaceType) -> &'static str {
     match t {
         LinuxNamespaceType::Mount => "mount",
@@ -310,6 +325,7 @@ fn is_net_sysctl(key: &str) -> bool {
 pub(crate) fn namespaces(
     spec: &Spec,
     kind: ModuleKind,
+    role: crate::Role,
 ) -> Result<(Vec<Namespace>, Vec<String>), PlanError> {
     let linux = spec.linux().as_ref();
     let sys_admin = spec
@@ -350,6 +366,13 @@ pub(crate) fn namespaces(
             action,
         };
         match ns.path() {
+            // Joining the pid or network namespace this process is in (a pod sandbox's, when
+            // Kiln did not create one for it) changes nothing; it counts as not created, so
+            // the worker gets the guard that stands in for it.
+            Some(path) if is_own_namespace(name, path) => {
+                debug!("{name} namespace {} is the node's own", path.display());
+                skipped.push(name.to_string());
+            }
             Some(path) => {
                 let e = entry(NamespaceAction::Join(path.clone()));
                 if ns.typ() == LinuxNamespaceType::User {
@@ -366,7 +389,10 @@ pub(crate) fn namespaces(
                     debug!("{name} namespace not created: a Wasm guest cannot observe it");
                     skipped.push(name.to_string());
                 }
-                LinuxNamespaceType::Network if kind == ModuleKind::Core && !net_sysctl => {
+                // A pod sandbox's namespaces are its containers': all are made as asked.
+                LinuxNamespaceType::Network
+                    if kind == ModuleKind::Core && !net_sysctl && role == crate::Role::Guest =>
+                {
                     debug!("network namespace not created: a core module has no sockets");
                     skipped.push(name.to_string());
                 }

@@ -196,7 +196,7 @@ fn limits_env_user_and_namespaces_come_from_the_spec() {
         "linux": {
             "cgroupsPath": "/default/c1",
             "resources": {"memory": {"limit": 67108864}, "cpu": {"shares": 512, "quota": 50000, "period": 100000}, "pids": {"limit": 32}},
-            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}]
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/kiln-test-pod"}]
         }
     }));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
@@ -220,7 +220,7 @@ fn limits_env_user_and_namespaces_come_from_the_spec() {
         p.namespaces,
         vec![Namespace {
             kind: "network".to_string(),
-            action: NamespaceAction::Join("/proc/1/ns/net".into())
+            action: NamespaceAction::Join("/run/netns/kiln-test-pod".into())
         }]
     );
 }
@@ -376,7 +376,7 @@ fn namespaces_created_joined_and_skipped_by_rule() {
 
     // Joins come first, the user namespace before the others.
     let s = spec(serde_json::json!({"linux": {
-        "namespaces": [{"type": "network", "path": "/proc/1/ns/net"}, {"type": "ipc"},
+        "namespaces": [{"type": "network", "path": "/run/netns/kiln-test-pod"}, {"type": "ipc"},
                        {"type": "user", "path": "/proc/1/ns/user"}]}}));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
     let order: Vec<&str> = p.namespaces.iter().map(|n| n.kind.as_str()).collect();
@@ -580,4 +580,38 @@ fn the_readme_lists_every_spec_field_decision() {
             "README.md lacks the row starting {row:?}"
         );
     }
+}
+
+#[test]
+fn joining_the_nodes_own_pid_or_network_namespace_counts_as_not_created() {
+    let root = rootfs();
+    let s = spec(serde_json::json!({"linux": {"namespaces": [
+        {"type": "pid", "path": "/proc/self/ns/pid"},
+        {"type": "network", "path": "/proc/self/ns/net"}]}}));
+    let p = plan("c1", &s, root.path(), &HOST).expect("plan");
+    assert!(p.namespaces.is_empty(), "{:?}", p.namespaces);
+    assert_eq!(p.sandbox.skipped, ["pid", "network"]);
+}
+
+#[test]
+fn a_pod_sandbox_has_no_module_and_keeps_its_namespaces() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // The sandbox's image is a pause binary, not Wasm: it is not looked at.
+    std::fs::write(root.path().join("pause"), b"\x7fELF").expect("write");
+    let s = spec(serde_json::json!({
+    "annotations": {"io.kubernetes.cri.container-type": "sandbox"},
+    "process": {"args": ["/pause"]},
+    "hostname": "pod-a",
+    "linux": {
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                       {"type": "network", "path": "/run/netns/kiln-test-pod"}],
+        "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0"}
+    }}));
+    let p = plan("sb", &s, root.path(), &HOST).expect("plan");
+    assert_eq!(p.role, Role::PodSandbox);
+    assert!(p.preopens.is_empty() && p.sandbox.dev_nodes.is_none());
+    let kinds: Vec<&str> = p.namespaces.iter().map(|n| n.kind.as_str()).collect();
+    assert_eq!(kinds, ["network", "ipc", "uts"]);
+    assert_eq!(p.sandbox.hostname.as_deref(), Some("pod-a"));
+    assert_eq!(p.sandbox.skipped, ["pid"]);
 }

@@ -128,7 +128,8 @@ fn prepare(
         bundle.join(root)
     };
     let mut mounted = None;
-    if !req.rootfs.is_empty() {
+    // A pod sandbox runs nothing from its image: its rootfs is not mounted.
+    if !req.rootfs.is_empty() && !kiln_plan::is_pod_sandbox(&spec) {
         std::fs::create_dir_all(&rootfs)
             .map_err(|e| format!("create {}: {e}", rootfs.display()))?;
         for m in &req.rootfs {
@@ -213,6 +214,7 @@ pub async fn create(
         stdout: req.stdout.clone(),
         stderr: req.stderr.clone(),
     };
+    let role = plan.role;
     let spawn = SpawnRequest {
         plan,
         stdio: stdio.clone(),
@@ -268,6 +270,7 @@ pub async fn create(
         stdio,
         rootfs,
         cgroup: Some(cgroup),
+        pod_sandbox: role == kiln_plan::Role::PodSandbox,
     });
     Ok((task, spawned.exit))
 }

@@ -2,10 +2,11 @@
 //! an idle server's exit) from racing.
 //!
 //! `KILN_SHIM_GROUPING` in containerd's environment chooses:
-//! * `container` (default): one shim per container, as with every runc container. A shim
-//!   crash affects that container only.
-//! * `pod`: containers of one Kubernetes pod share a shim (the CRI's sandbox id annotation),
-//!   as runc's shim does. A shim crash affects the pod.
+//! * unset (the default): the containers of a Kubernetes pod (those the CRI creates, which
+//!   carry its sandbox id) share one shim, as runc's shim does, and every other container gets
+//!   a shim of its own. A shim crash affects that pod, or that container.
+//! * `container`: one shim per container, pods included.
+//! * `pod`: as the default (pods share one; a container outside a pod gets its own).
 //! * `namespace`: every container of a containerd namespace shares one shim. The blast radius
 //!   is the namespace: if that shim dies, containerd cleans up every container it served (their
 //!   workers are killed by the `delete` action). In exchange, a container costs no shim process
@@ -29,10 +30,21 @@ use crate::service::Service;
 pub enum Grouping {
     /// One shim per container.
     Container,
-    /// One shim per Kubernetes pod.
+    /// One shim per Kubernetes pod; one per container outside a pod.
     Pod,
     /// One shim per containerd namespace.
     Namespace,
+}
+
+/// Where one container's shim is: its group's key, and whether the shim is shared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Names the shim (its socket).
+    pub key: String,
+    /// Whether other containers may share it.
+    pub shared: bool,
+    /// A pod's shim: it exits when its pod's sandbox is gone and it serves no container.
+    pub pod: bool,
 }
 
 /// The CRI's annotation naming a container's pod sandbox.
@@ -42,8 +54,8 @@ impl Grouping {
     /// From `KILN_SHIM_GROUPING`; an unknown value is an error rather than a silent default.
     pub fn from_env() -> anyhow::Result<Grouping> {
         match std::env::var("KILN_SHIM_GROUPING").as_deref() {
-            Err(_) | Ok("") | Ok("container") => Ok(Grouping::Container),
-            Ok("pod") => Ok(Grouping::Pod),
+            Ok("container") => Ok(Grouping::Container),
+            Err(_) | Ok("") | Ok("pod") => Ok(Grouping::Pod),
             Ok("namespace") => Ok(Grouping::Namespace),
             Ok(other) => anyhow::bail!(
                 "KILN_SHIM_GROUPING={other:?} is not one of container, pod, namespace"
@@ -51,17 +63,28 @@ impl Grouping {
         }
     }
 
-    /// Whether containers may share the shim.
-    pub fn shared(self) -> bool {
-        self != Grouping::Container
-    }
-
-    /// The key that names the shim for container `id` whose bundle is `bundle`.
-    pub fn key(self, id: &str, bundle: &Path) -> String {
+    /// The shim of container `id`, whose bundle is `bundle`.
+    pub fn group(self, id: &str, bundle: &Path) -> Group {
+        let alone = Group {
+            key: id.to_string(),
+            shared: false,
+            pod: false,
+        };
         match self {
-            Grouping::Container => id.to_string(),
-            Grouping::Namespace => "kiln-namespace".to_string(),
-            Grouping::Pod => sandbox_id(bundle).unwrap_or_else(|| id.to_string()),
+            Grouping::Container => alone,
+            Grouping::Namespace => Group {
+                key: "kiln-namespace".to_string(),
+                shared: true,
+                pod: false,
+            },
+            Grouping::Pod => match sandbox_id(bundle) {
+                Some(sandbox) => Group {
+                    key: sandbox,
+                    shared: true,
+                    pod: true,
+                },
+                None => alone,
+            },
         }
     }
 }
@@ -140,6 +163,9 @@ pub fn remove(address: &str) {
 /// `start` has handed out this shim's address, for the idle timeout. Decided under the group
 /// lock, so a concurrent `start` either sees the socket gone (and launches a new server) or
 /// hands out a server that is still there.
+///
+/// A pod's shim does not wait once its pod's sandbox has been deleted: no container of that
+/// pod can come any more.
 pub async fn exit_when_idle(service: Arc<Service>) {
     let Some(address) = service.shared_address.clone() else {
         return;
@@ -148,7 +174,9 @@ pub async fn exit_when_idle(service: Arc<Service>) {
     loop {
         service.maybe_idle.notified().await;
         loop {
-            tokio::time::sleep(idle).await;
+            if !service.pod_over() {
+                tokio::time::sleep(idle).await;
+            }
             if !service.table.is_idle() {
                 break;
             }
@@ -161,7 +189,7 @@ pub async fn exit_when_idle(service: Arc<Service>) {
             if !service.table.is_idle() {
                 break;
             }
-            if lease_age(&address) < idle {
+            if !service.pod_over() && lease_age(&address) < idle {
                 continue;
             }
             info!("idle for {idle:?} with no containers; exiting");

@@ -30,17 +30,17 @@ pub fn start(flags: &Flags) -> Result<()> {
 
     let grouping = Grouping::from_env()?;
     let bundle = std::env::current_dir().context("bundle directory")?;
-    let key = grouping.key(&flags.id, &bundle);
-    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &key);
+    let shim = grouping.group(&flags.id, &bundle);
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &shim.key);
     let path = address.trim_start_matches("unix://");
     // Held until the server listens, so a concurrent start for the same group waits and then
     // shares it instead of launching a second one. A per-container shim has no one to race.
-    let _lock = if grouping.shared() {
+    let _lock = if shim.shared {
         Some(group::lock(&address).context("lock the shim group")?)
     } else {
         None
     };
-    if grouping.shared() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+    if shim.shared && std::os::unix::net::UnixStream::connect(path).is_ok() {
         // A server for this group is already running: share it.
         group::touch_lease(&address);
         std::fs::write("address", &address).context("write the address file")?;
@@ -91,7 +91,7 @@ pub fn start(flags: &Flags) -> Result<()> {
             out.trim()
         );
     }
-    if grouping.shared() {
+    if shim.shared {
         group::touch_lease(&address);
     }
     std::fs::write("address", &address).context("write the address file")?;

@@ -31,7 +31,8 @@ pub fn serve(flags: &Flags) -> Result<()> {
     }
     crate::logging::init(flags.debug, &flags.id).context("open containerd's log pipe")?;
     let _ = kiln_worker::LOG_REDIRECT.set(crate::logging::redirect_to);
-    let grouping = crate::group::Grouping::from_env()?;
+    // The server runs in its first container's bundle, as `start` did: the same group.
+    let group = crate::group::Grouping::from_env()?.group(&flags.id, std::path::Path::new("."));
     let zygote = kiln_worker::zygote::fork_zygote().context("start the zygote")?;
     debug!("zygote {} forked", zygote.pid);
 
@@ -39,13 +40,13 @@ pub fn serve(flags: &Flags) -> Result<()> {
         .enable_all()
         .build()
         .context("build the tokio runtime")?;
-    rt.block_on(run(flags, zygote, grouping))
+    rt.block_on(run(flags, zygote, group))
 }
 
 async fn run(
     flags: &Flags,
     zygote: kiln_worker::zygote::ZygoteHandle,
-    grouping: crate::group::Grouping,
+    group: crate::group::Group,
 ) -> Result<()> {
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS is not set")?;
     let publisher = crate::events::Publisher::connect(&ttrpc_address)
@@ -58,7 +59,8 @@ async fn run(
         flags.namespace.clone(),
         publisher,
         client.clone(),
-        grouping.shared().then(|| flags.socket.clone()),
+        group.shared.then(|| flags.socket.clone()),
+        group.pod,
     ));
 
     tokio::spawn(crate::exits::reap(exits, client));
@@ -90,7 +92,7 @@ async fn run(
     service.wait_for_shutdown().await;
     info!("kiln shim shutting down");
     let _ = server.shutdown().await;
-    if !grouping.shared() {
+    if !group.shared {
         // A shared server removed its socket itself, under the group lock.
         let _ = std::fs::remove_file(&path);
     }

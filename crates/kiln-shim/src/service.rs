@@ -89,6 +89,10 @@ pub struct Service {
     pub(crate) shared_address: Option<String>,
     /// Woken when the last container is gone, in a shared shim.
     pub(crate) maybe_idle: Notify,
+    /// This shim serves one Kubernetes pod.
+    pod: bool,
+    /// That pod's sandbox has been deleted.
+    pod_sandbox_deleted: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -98,6 +102,7 @@ impl Service {
         publisher: Publisher,
         zygote: Arc<ZygoteClient>,
         shared_address: Option<String>,
+        pod: bool,
     ) -> Self {
         let cache_root = std::env::var_os("KILN_CACHE_DIR")
             .map(PathBuf::from)
@@ -113,7 +118,17 @@ impl Service {
             shutdown: Notify::new(),
             shared_address,
             maybe_idle: Notify::new(),
+            pod,
+            pod_sandbox_deleted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// A pod's shim whose pod is gone: its sandbox was deleted.
+    pub(crate) fn pod_over(&self) -> bool {
+        self.pod
+            && self
+                .pod_sandbox_deleted
+                .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resolves when containerd has shut the shim down (or an idle shared shim exits), once
@@ -280,6 +295,10 @@ impl TaskApi for Service {
             });
         }
         crate::logging::remove(&t.id);
+        if t.pod_sandbox {
+            self.pod_sandbox_deleted
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {

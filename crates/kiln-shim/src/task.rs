@@ -72,6 +72,8 @@ pub struct Task {
     pub rootfs: Option<PathBuf>,
     /// The container's cgroup.
     pub cgroup: Option<Cgroup>,
+    /// A Kubernetes pod's sandbox.
+    pub pod_sandbox: bool,
     state: Mutex<State>,
     exited: watch::Sender<Option<Exit>>,
 }
@@ -94,6 +96,8 @@ pub struct Parts {
     pub rootfs: Option<PathBuf>,
     /// Its cgroup.
     pub cgroup: Option<Cgroup>,
+    /// A Kubernetes pod's sandbox.
+    pub pod_sandbox: bool,
 }
 
 impl Task {
@@ -108,6 +112,7 @@ impl Task {
             stdio: p.stdio,
             rootfs: p.rootfs,
             cgroup: p.cgroup,
+            pod_sandbox: p.pod_sandbox,
             state: Mutex::new(State::Created(p.chan)),
             exited,
         }

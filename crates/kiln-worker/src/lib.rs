@@ -17,6 +17,7 @@
 
 mod compile;
 pub mod engine;
+mod pod;
 pub mod process;
 pub mod protocol;
 mod run;

@@ -41,6 +41,9 @@ pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) 
     if let (Some(path), Some(redirect)) = (&req.log_path, crate::LOG_REDIRECT.get()) {
         redirect(&req.plan.id, path);
     }
+    if req.plan.role == kiln_plan::Role::PodSandbox {
+        return crate::pod::main(req, chan);
+    }
     let mut chan = UnixStream::from(chan);
     let id = req.plan.id.clone();
     let prepared = match setup(engine, &req) {
