@@ -54,9 +54,23 @@ sandbox_image=localhost/kiln/pause:1
 # streaming options to grpc.v1.cri. Pod network namespaces are mounted under containerd's
 # state directory, not the host's /run/netns. NRI (1.7, 2.x) listens on a fixed host-wide
 # socket: off, so that two private containerds never share it.
+#
+# Wasm images (platform wasi/wasm) need no image setting on 1.6, 1.7 or 2.1: the CRI pulls
+# for linux/amd64, but a tag that names a manifest (not an index) skips platform matching,
+# and these versions' unpackers take a config of any platform (tests/tests/cri_pull.rs). Two
+# knobs, for 2.x only, let the tests show what containerd 2.3 does and how a node fixes it;
+# both default to containerd's own defaults:
+#   KILN_CRI_STRICT_UNPACK=1  check_platform_supported = true: the Transfer Service unpacks the
+#     host platform only, as 2.3 does by default for other operating systems: a wasi/wasm
+#     image is fetched, not unpacked;
+#   KILN_CRI_LOCAL_PULL=1     use_local_image_pull = true: the CRI pulls in process, as 1.x
+#     does, with an unpacker that takes any platform: what a 2.3 node needs for Wasm images.
 cri_config() {
   local version=$1
   if [ "$version" -ge 2 ]; then
+    local local_pull=false strict_unpack=false
+    [ "${KILN_CRI_LOCAL_PULL:-0}" = 1 ] && local_pull=true
+    [ "${KILN_CRI_STRICT_UNPACK:-0}" = 1 ] && strict_unpack=true
     cat <<TOML
 version = 3
 root = "$dir/root"
@@ -78,8 +92,12 @@ state = "$dir/state"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 
+[plugins."io.containerd.transfer.v1.local"]
+  check_platform_supported = $strict_unpack
+
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
+  use_local_image_pull = $local_pull
   [plugins."io.containerd.cri.v1.images".pinned_images]
     sandbox = "$sandbox_image"
 

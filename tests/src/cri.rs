@@ -48,6 +48,9 @@ pub const BUSYBOX: &str = "docker.io/kiln-test/busybox:latest";
 pub const POD_NAMESPACE: &str = "kiln-cri";
 /// The containerd namespace the CRI plugin works in.
 pub const CONTAINERD_NAMESPACE: &str = "k8s.io";
+/// The pod annotation containerd's CRI reads the runtime handler of an image pull from
+/// (kubelet copies pod annotations into the sandbox config it sends with PullImage).
+pub const RUNTIME_HANDLER_ANNOTATION: &str = "io.containerd.cri.runtime-handler";
 /// Deadline of one CRI call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -553,6 +556,68 @@ impl Cri {
         .map(|r| r.image_ref)
     }
 
+    /// `ImageStatus` of `reference`, verbose: the image (`None` when it is not there) and the
+    /// `info` map (containerd puts its view of the image, config included, under `info`).
+    pub fn image_status_verbose(
+        &self,
+        reference: &str,
+    ) -> Result<(Option<api::Image>, HashMap<String, String>)> {
+        let image = image_spec(reference);
+        self.image_rpc("ImageStatus", |mut c| async move {
+            c.image_status(api::ImageStatusRequest {
+                image: Some(image),
+                verbose: true,
+            })
+            .await
+        })
+        .map(|r| (r.image, r.info))
+    }
+
+    /// `PullImage` as kubelet sends it for a pod: the image spec, and the pod's sandbox config
+    /// (kubelet always sends it; containerd reads the runtime handler of an image pull from the
+    /// pod annotation `io.containerd.cri.runtime-handler`, which `handler` sets, along with
+    /// the image spec's `runtime_handler` that kubelet fills in with the
+    /// RuntimeClassInImageCriApi feature gate).
+    pub fn pull_image_for(&self, reference: &str, handler: Option<&str>) -> Result<String> {
+        let mut image = image_spec(reference);
+        let mut annotations = HashMap::new();
+        if let Some(h) = handler {
+            image.runtime_handler = h.to_string();
+            annotations.insert(RUNTIME_HANDLER_ANNOTATION.to_string(), h.to_string());
+        }
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let sandbox = api::PodSandboxConfig {
+            metadata: Some(api::PodSandboxMetadata {
+                name: format!("pull-{}-{n}", std::process::id()),
+                uid: format!("pull-{}-{n}", std::process::id()),
+                namespace: POD_NAMESPACE.into(),
+                attempt: 0,
+            }),
+            annotations,
+            ..Default::default()
+        };
+        self.image_rpc("PullImage", |mut c| async move {
+            c.pull_image(api::PullImageRequest {
+                image: Some(image),
+                auth: None,
+                sandbox_config: Some(sandbox),
+            })
+            .await
+        })
+        .map(|r| r.image_ref)
+    }
+
+    /// `ctr -n k8s.io ARGS` against this containerd (what it stored: images, content,
+    /// snapshots).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.ctr);
+        cmd.arg("-a")
+            .arg(&self.sock)
+            .args(["-n", CONTAINERD_NAMESPACE])
+            .args(args);
+        process::run(cmd, Duration::from_secs(60))
+    }
+
     /// `RemoveImage`.
     pub fn remove_image(&self, reference: &str) -> Result<()> {
         let image = image_spec(reference);
@@ -687,13 +752,22 @@ impl Registry {
     }
 
     /// Pushes the OCI image-layout tarball `tar` as `name_tag` with skopeo (from inside the
-    /// namespace); returns the reference.
+    /// namespace); returns the reference. The blobs and manifests go as written
+    /// (`--preserve-digests`: skopeo would otherwise gzip uncompressed tar layers), and an
+    /// image index goes with every image it names (`--all`: skopeo would otherwise copy only
+    /// the index's entry for the host's platform, which an index of Wasm images lacks).
     pub fn push(&self, tar: &Path, name_tag: &str) -> std::result::Result<String, Output> {
         let reference = self.reference(name_tag);
         let mut cmd = self.cri.in_netns_cmd("skopeo");
-        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci-archive:{}", tar.display()))
-            .arg(format!("docker://{reference}"));
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci-archive:{}", tar.display()))
+        .arg(format!("docker://{reference}"));
         let out = process::run(cmd, Duration::from_secs(120));
         if out.success() {
             Ok(reference)
