@@ -129,6 +129,40 @@ fn absolute_symlinks_stay_inside_the_rootfs() {
 }
 
 #[test]
+fn a_symlink_to_a_name_that_is_not_utf8_is_refused() {
+    // Found by fuzz/ (target plan): such a plan passed, then could not be encoded for the
+    // zygote.
+    use std::os::unix::ffi::OsStrExt;
+    let root = rootfs();
+    let odd = std::ffi::OsStr::from_bytes(b"d\xff");
+    std::fs::create_dir(root.path().join(odd)).expect("mkdir");
+    std::fs::write(root.path().join(odd).join("m.wasm"), WASM).expect("write");
+    symlink(
+        Path::new("/").join(odd).join("m.wasm"),
+        root.path().join("odd.wasm"),
+    )
+    .expect("ln");
+    symlink(odd, root.path().join("odd-dir")).expect("symlink");
+    let s = spec(serde_json::json!({"process": {"args": ["/odd.wasm"]}}));
+    let e = plan("c1", &s, root.path(), &HOST).expect_err("module path not UTF-8");
+    assert!(
+        matches!(&e, PlanError::Resolve { path, .. } if path == "/odd.wasm"),
+        "{e}"
+    );
+    let s = spec(serde_json::json!({"process": {"cwd": "/odd-dir"}}));
+    let e = plan("c1", &s, root.path(), &HOST).expect_err("cwd not UTF-8");
+    assert!(
+        matches!(&e, PlanError::Resolve { path, .. } if path == "/odd-dir"),
+        "{e}"
+    );
+    // The same names through UTF-8 paths plan, and the plan reaches the worker intact.
+    let s = spec(serde_json::json!({"process": {"args": ["/hello.wasm"], "cwd": "/app"}}));
+    let p = plan("c1", &s, root.path(), &HOST).expect("plan");
+    let json = serde_json::to_vec(&p).expect("encode");
+    assert_eq!(serde_json::from_slice::<Plan>(&json).expect("decode"), p);
+}
+
+#[test]
 fn terminal_is_refused() {
     let root = rootfs();
     let s = spec(serde_json::json!({"process": {"terminal": true}}));
