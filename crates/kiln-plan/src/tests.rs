@@ -464,6 +464,31 @@ fn sysctls_must_be_namespaced_and_in_the_containers_own_namespace() {
 }
 
 #[test]
+fn a_sysctl_key_names_one_file() {
+    // Found by fuzz/ (target plan): "net." and "fs.mqueue." passed planning and named a
+    // directory of /proc/sys, so the container failed only when the worker wrote it.
+    let root = rootfs();
+    for key in [
+        "net.",
+        "fs.mqueue.",
+        "net..ipv4",
+        "net.ipv4..x",
+        "net.ipv4/conf",
+    ] {
+        let mut s = ctr_default_spec();
+        s["linux"]["sysctl"] = serde_json::json!({ key: "1" });
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "network"}]);
+        let e = plan("c1", &spec(s), root.path(), &HOST).expect_err(key);
+        assert!(e.to_string().contains("is not a sysctl name"), "{key}: {e}");
+    }
+    let mut s = ctr_default_spec();
+    s["linux"]["sysctl"] =
+        serde_json::json!({"net.ipv4.ip_forward": "1", "fs.mqueue.msg_max": "9"});
+    s["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "network"}]);
+    plan("c1", &spec(s), root.path(), &HOST).expect("plain keys");
+}
+
+#[test]
 fn fields_kiln_cannot_honour_are_refused_by_name() {
     let root = rootfs();
     let cases = [
