@@ -171,6 +171,25 @@ fn terminal_is_refused() {
 }
 
 #[test]
+fn a_relative_bind_source_is_refused() {
+    // Found by fuzz/ (target plan): a relative source became a relative preopen, which the
+    // worker opened from the shim's working directory (another container's bundle, once a
+    // shim serves several) rather than from this container's bundle, as runc does.
+    let root = rootfs();
+    for source in [".", "rootfs", "./data"] {
+        let s = spec(serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": source, "options": ["rbind"]},
+        ]}));
+        let e = plan("c1", &s, root.path(), &HOST).expect_err(source);
+        assert!(
+            matches!(&e, PlanError::Mount { destination, reason }
+                if destination == "/data" && reason.contains("absolute")),
+            "{source}: {e}"
+        );
+    }
+}
+
+#[test]
 fn mounts_become_preopens_and_linux_mounts_are_skipped() {
     let root = rootfs();
     let data = tempfile::tempdir().expect("tempdir");
