@@ -76,7 +76,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "mounts (other types, id-mapped, unknown options)",
         Refused,
-        "only bind mounts can become guest directories",
+        "only bind mounts of a source given by an absolute path can become guest directories",
     ),
     f(
         "process.terminal",

@@ -266,6 +266,7 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
     let cwd = if cwd.is_empty() { "/".to_string() } else { cwd };
 
     let (module_path, guest_path) = entrypoint::find(name, &env, &cwd, rootfs)?;
+    utf8(&module_path, &guest_path, rootfs)?;
     let module_kind = entrypoint::kind(&module_path, &guest_path)?;
 
     let mut guest_args = args.clone();
@@ -290,6 +291,7 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
         }
     }
     let cwd_in = mounts::locate_cwd(&preopens, &cwd)?;
+    utf8(&cwd_in.1, &cwd, &preopens[cwd_in.0].host)?;
 
     let resources = sandbox::resources(spec, host)?;
     let cgroups_path = spec
@@ -365,6 +367,23 @@ fn pod_sandbox(id: &str, spec: &Spec, host: &Host) -> Result<Plan, PlanError> {
             umask: u.umask(),
         },
         sandbox,
+    })
+}
+
+/// Refuses a host path that is not UTF-8. The plan crosses to the worker as JSON, which has
+/// no form for such a path; an image's symlink to a name that is not UTF-8 would otherwise
+/// pass planning and fail later, at the zygote, with an error that names no path.
+fn utf8(host: &Path, guest: &str, root: &Path) -> Result<(), PlanError> {
+    if host.to_str().is_some() {
+        return Ok(());
+    }
+    Err(PlanError::Resolve {
+        path: guest.to_string(),
+        root: root.to_path_buf(),
+        reason: format!(
+            "it resolves to {}, which is not valid UTF-8",
+            host.to_string_lossy()
+        ),
     })
 }
 

@@ -84,6 +84,15 @@ pub(crate) fn to_preopen(m: &oci_spec::runtime::Mount) -> Result<Option<Preopen>
         .source()
         .as_ref()
         .ok_or_else(|| mount_err("bind mount without a source".to_string()))?;
+    // The runtime spec reads a relative source from the bundle; the shim would read it from
+    // its own working directory, which is another container's bundle once a shim serves
+    // several. Refused rather than resolved against the wrong directory.
+    if !source.is_absolute() {
+        return Err(mount_err(format!(
+            "bind source {:?} is relative; Kiln needs an absolute path",
+            source.display().to_string()
+        )));
+    }
     let meta = std::fs::metadata(source)
         .map_err(|e| mount_err(format!("bind source {}: {e}", source.display())))?;
     if !meta.is_dir() {

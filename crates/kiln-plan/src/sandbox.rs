@@ -496,7 +496,9 @@ fn sysctls(spec: &Spec, namespaces: &[Namespace]) -> Result<Vec<(String, String)
                 format!("{key} needs a {needs} namespace of the container's own"),
             ));
         }
-        if key.contains("..") || key.contains('/') {
+        // Each dot-separated part is a directory or file below /proc/sys: an empty one
+        // ("net.", "net..x") would name a directory, or its parent.
+        if key.split('.').any(str::is_empty) || key.contains('/') {
             return Err(PlanError::unsupported(
                 "linux.sysctl",
                 format!("{key:?} is not a sysctl name"),

@@ -129,11 +129,64 @@ fn absolute_symlinks_stay_inside_the_rootfs() {
 }
 
 #[test]
+fn a_symlink_to_a_name_that_is_not_utf8_is_refused() {
+    // Found by fuzz/ (target plan): such a plan passed, then could not be encoded for the
+    // zygote.
+    use std::os::unix::ffi::OsStrExt;
+    let root = rootfs();
+    let odd = std::ffi::OsStr::from_bytes(b"d\xff");
+    std::fs::create_dir(root.path().join(odd)).expect("mkdir");
+    std::fs::write(root.path().join(odd).join("m.wasm"), WASM).expect("write");
+    symlink(
+        Path::new("/").join(odd).join("m.wasm"),
+        root.path().join("odd.wasm"),
+    )
+    .expect("ln");
+    symlink(odd, root.path().join("odd-dir")).expect("symlink");
+    let s = spec(serde_json::json!({"process": {"args": ["/odd.wasm"]}}));
+    let e = plan("c1", &s, root.path(), &HOST).expect_err("module path not UTF-8");
+    assert!(
+        matches!(&e, PlanError::Resolve { path, .. } if path == "/odd.wasm"),
+        "{e}"
+    );
+    let s = spec(serde_json::json!({"process": {"cwd": "/odd-dir"}}));
+    let e = plan("c1", &s, root.path(), &HOST).expect_err("cwd not UTF-8");
+    assert!(
+        matches!(&e, PlanError::Resolve { path, .. } if path == "/odd-dir"),
+        "{e}"
+    );
+    // The same names through UTF-8 paths plan, and the plan reaches the worker intact.
+    let s = spec(serde_json::json!({"process": {"args": ["/hello.wasm"], "cwd": "/app"}}));
+    let p = plan("c1", &s, root.path(), &HOST).expect("plan");
+    let json = serde_json::to_vec(&p).expect("encode");
+    assert_eq!(serde_json::from_slice::<Plan>(&json).expect("decode"), p);
+}
+
+#[test]
 fn terminal_is_refused() {
     let root = rootfs();
     let s = spec(serde_json::json!({"process": {"terminal": true}}));
     let e = plan("c1", &s, root.path(), &HOST).expect_err("terminal");
     assert!(e.to_string().contains("terminal"));
+}
+
+#[test]
+fn a_relative_bind_source_is_refused() {
+    // Found by fuzz/ (target plan): a relative source became a relative preopen, which the
+    // worker opened from the shim's working directory (another container's bundle, once a
+    // shim serves several) rather than from this container's bundle, as runc does.
+    let root = rootfs();
+    for source in [".", "rootfs", "./data"] {
+        let s = spec(serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": source, "options": ["rbind"]},
+        ]}));
+        let e = plan("c1", &s, root.path(), &HOST).expect_err(source);
+        assert!(
+            matches!(&e, PlanError::Mount { destination, reason }
+                if destination == "/data" && reason.contains("absolute")),
+            "{source}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -427,6 +480,31 @@ fn sysctls_must_be_namespaced_and_in_the_containers_own_namespace() {
     s["linux"]["sysctl"] = serde_json::json!({"vm.overcommit_memory": "1"});
     let e = plan("c1", &spec(s), root.path(), &HOST).expect_err("not namespaced");
     assert!(e.to_string().contains("vm.overcommit_memory"), "{e}");
+}
+
+#[test]
+fn a_sysctl_key_names_one_file() {
+    // Found by fuzz/ (target plan): "net." and "fs.mqueue." passed planning and named a
+    // directory of /proc/sys, so the container failed only when the worker wrote it.
+    let root = rootfs();
+    for key in [
+        "net.",
+        "fs.mqueue.",
+        "net..ipv4",
+        "net.ipv4..x",
+        "net.ipv4/conf",
+    ] {
+        let mut s = ctr_default_spec();
+        s["linux"]["sysctl"] = serde_json::json!({ key: "1" });
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "network"}]);
+        let e = plan("c1", &spec(s), root.path(), &HOST).expect_err(key);
+        assert!(e.to_string().contains("is not a sysctl name"), "{key}: {e}");
+    }
+    let mut s = ctr_default_spec();
+    s["linux"]["sysctl"] =
+        serde_json::json!({"net.ipv4.ip_forward": "1", "fs.mqueue.msg_max": "9"});
+    s["linux"]["namespaces"] = serde_json::json!([{"type": "ipc"}, {"type": "network"}]);
+    plan("c1", &spec(s), root.path(), &HOST).expect("plain keys");
 }
 
 #[test]
