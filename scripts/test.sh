@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh Debian 12 machine: installs what is missing, builds the
 # Wasm test workloads and their images, checks formatting and lints, then runs the unit tests
 # and the end-to-end tests (which start their own private containerd; the system's is never
-# touched). Must run as root: the end-to-end tests mount rootfs snapshots and create cgroups.
+# touched), last on a cgroup v2 node in a VM. Must run as root: the end-to-end tests mount
+# rootfs snapshots and create cgroups.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -29,3 +30,9 @@ for suite in trixie sid; do
     --test isolation --test shared_shim --test first_start --test first_start_optimized \
     -- --test-threads=2
 done
+
+# The cgroup v2 tests (tests/tests/cgroup_v2.rs, ignored elsewhere), and run and lifecycle again,
+# on a cgroup v2 node: this machine mounts the v1 controllers, so scripts/vm-v2.sh boots one as
+# an emulated VM, with the binaries built above (it prints the VM's wall time, about 7 minutes).
+echo "==> end-to-end tests on a cgroup v2 node (VM)"
+scripts/vm-v2.sh
