@@ -22,6 +22,8 @@
 #                           or a directory holding containerd and ctr (default: this host's)
 #   --tests LIST            e2e test binaries of the default run, comma-separated
 #                           (default cgroup_v2,run,lifecycle; cgroup_v2 runs with --ignored)
+#   --test-args ARGS        more arguments for each test binary (split on spaces), e.g. a
+#                           test name filter: --tests cgroup_v2 --test-args the_worker
 #   --timing N              after the tests, N warm starts of the hello image through kiln-probe
 #                           with the release shim (builds it), and the shim's own phase timings
 #   --include PATH          also put PATH (a file or directory inside the repository) on the
@@ -50,13 +52,14 @@ cannot_build() {
     exit $EXIT_PREPARE
 }
 
-containerd_sel="" tests="cgroup_v2,run,lifecycle" timing=0 build=1 timeout=1800 mem=2048 cpus=2
+containerd_sel="" tests="cgroup_v2,run,lifecycle" test_args="" timing=0 build=1 timeout=1800 mem=2048 cpus=2
 serial_log="$repo_root/target/vm/serial.log"
 includes=() cmd=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --containerd) [ $# -ge 2 ] || usage; containerd_sel=$2; shift ;;
         --tests) [ $# -ge 2 ] || usage; tests=$2; shift ;;
+        --test-args) [ $# -ge 2 ] || usage; test_args=$2; shift ;;
         --timing) [ $# -ge 2 ] || usage; timing=$2; shift ;;
         --include) [ $# -ge 2 ] || usage; includes+=("$2"); shift ;;
         --no-build) build=0 ;;
@@ -81,6 +84,12 @@ export CARGO_TERM_COLOR=never
 
 vmdir=$repo_root/target/vm
 mkdir -p "$vmdir"
+# One VM at a time per checkout: they would share the payload disk and the serial log.
+exec 9>"$vmdir/lock"
+if ! flock -n 9; then
+    log "another scripts/vm-v2.sh is running in this checkout; waiting for it"
+    flock 9
+fi
 
 # --- what the VM runs ---------------------------------------------------------------------------
 IFS=, read -r -a test_names <<<"$tests"
@@ -108,7 +117,9 @@ for line in sys.stdin:
     [ ${#test_exes[@]} = ${#test_names[@]} ] || cannot_build "expected e2e binaries for ${test_names[*]}, cargo built: ${test_exes[*]:-none}"
     if [ "$timing" -gt 0 ] && [ $build = 1 ]; then
         log "building the release shim and kiln-probe (for --timing)"
-        cargo build --release -p kiln-shim -p kiln-e2e --bin kiln-probe || cannot_build "release build failed"
+        # Two commands: --bin would apply to both packages.
+        { cargo build --release -p kiln-shim && cargo build --release -p kiln-e2e --bin kiln-probe; } ||
+            cannot_build "release build failed"
     fi
 fi
 for f in target/debug/containerd-shim-kiln-v1 target/debug/kiln; do
@@ -189,7 +200,11 @@ job=$stage/.kiln-vm/job.sh
 {
     echo "# Written by scripts/vm-v2.sh for one VM run."
     echo "cd $(printf %q "$repo_root") || exit 1"
-    [ -z "$vm_containerd_bin" ] || echo "export KILN_E2E_CONTAINERD_BIN=$(printf %q "$vm_containerd_bin")"
+    if [ -n "$vm_containerd_bin" ]; then
+        echo "export KILN_E2E_CONTAINERD_BIN=$(printf %q "$vm_containerd_bin")"
+        # shellcheck disable=SC2016 # expanded in the VM
+        echo 'echo "==> [vm] containerd under test: $("$KILN_E2E_CONTAINERD_BIN/containerd" --version)"'
+    fi
     if [ ${#cmd[@]} -gt 0 ]; then
         printf 'exec'
         printf ' %q' "${cmd[@]}"
@@ -200,7 +215,7 @@ status=0
 run_tests() { # NAME BINARY ARGS...
     local name=$1 bin=$2 t0=$SECONDS rc=0
     shift 2
-    echo "==> [vm] e2e tests: $name"
+    echo "==> [vm] e2e tests: $name ($*)"
     "$bin" --color never "$@" || rc=$?
     echo "==> [vm] e2e tests: $name: exit status $rc after $((SECONDS - t0)) s"
     [ $rc = 0 ] || status=$rc
@@ -215,6 +230,9 @@ JOB
                 [ "$name" = "$t" ] || continue
                 args="--test-threads=1"
                 [ "$name" != cgroup_v2 ] || args="--ignored --test-threads=1"
+                extra=()
+                read -r -a extra <<<"$test_args"
+                [ ${#extra[@]} = 0 ] || args+=$(printf ' %q' "${extra[@]}")
                 echo "run_tests $(printf %q "$name") $(printf %q "$path") $args"
             done
         done
@@ -237,7 +255,8 @@ rm -rf "$stage"
 
 # --- the cached parts ---------------------------------------------------------------------------
 declare -A vm=()
-prep=$(scripts/vm/prepare.sh "$vmdir" "${payload_elves[@]}") || exit $EXIT_PREPARE
+prep=$(scripts/vm/prepare.sh "$vmdir" "${payload_elves[@]}") ||
+    cannot_build "scripts/vm/prepare.sh could not prepare the VM's kernel, qemu or root disk (see above)"
 while IFS='=' read -r k v; do vm[$k]=$v; done <<<"$prep"
 
 # --- boot and run -------------------------------------------------------------------------------
