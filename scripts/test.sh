@@ -33,6 +33,7 @@ done
 
 # The cgroup v2 tests (tests/tests/cgroup_v2.rs, ignored elsewhere), and run and lifecycle again,
 # on a cgroup v2 node: this machine mounts the v1 controllers, so scripts/vm-v2.sh boots one as
-# an emulated VM, with the binaries built above (it prints the VM's wall time, about 7 minutes).
+# an emulated VM, with the binaries built above (it prints the VM's wall time: 7-8 minutes on an
+# idle machine, up to 15 when others load it).
 echo "==> end-to-end tests on a cgroup v2 node (VM)"
 scripts/vm-v2.sh

@@ -34,6 +34,8 @@
 #   --timeout SECS          deadline for the whole VM run (default 1800: emulation is slow)
 #   --mem MIB, --cpus N     the VM's memory (default 2048) and CPUs (default 2)
 #
+# KILN_E2E_SLOW (default 4 here) multiplies the e2e harness's deadlines inside the VM.
+#
 # Exit status: the inner command's (the v2 suite: 0 when every test binary passed), or
 #   90  the VM could not be built (a missing host tool, apt, the build, the disks)
 #   91  the VM did not boot: it stopped or hung before its node was set up
@@ -200,6 +202,9 @@ job=$stage/.kiln-vm/job.sh
 {
     echo "# Written by scripts/vm-v2.sh for one VM run."
     echo "cd $(printf %q "$repo_root") || exit 1"
+    # The harness's deadlines are a real node's; emulation is 10-50 times slower, more when
+    # this host is busy.
+    echo "export KILN_E2E_SLOW=$(printf %q "${KILN_E2E_SLOW:-4}")"
     if [ -n "$vm_containerd_bin" ]; then
         echo "export KILN_E2E_CONTAINERD_BIN=$(printf %q "$vm_containerd_bin")"
         # shellcheck disable=SC2016 # expanded in the VM

@@ -13,7 +13,9 @@
 //! * `KILN_TEST_IMAGES=DIR`: where the test images are (default `<target>/test-images`; built
 //!   with `scripts/build-test-images.sh DIR` when missing);
 //! * `CONTAINERD_LOG_LEVEL=debug`: a more talkative containerd (and shim) log;
-//! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging.
+//! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging;
+//! * `KILN_E2E_SLOW=N`: multiply every deadline by N, on a slow (emulated) node; see
+//!   [`process::slow_factor`].
 //!
 //! [`probe`] is the `kiln-probe` binary's code (a gRPC cold-start probe, see
 //! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
@@ -782,7 +784,8 @@ pub fn assert_cleaned_up(id: &str, timeout: Duration) {
     });
     assert!(
         clean.is_some(),
-        "container {id}: still present {timeout:?} after it ended:\n  {}",
+        "container {id}: still present {:?} after it ended:\n  {}",
+        process::deadline(timeout),
         last.join("\n  ")
     );
 }
