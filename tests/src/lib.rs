@@ -13,7 +13,9 @@
 //! * `KILN_TEST_IMAGES=DIR`: where the test images are (default `<target>/test-images`; built
 //!   with `scripts/build-test-images.sh DIR` when missing);
 //! * `CONTAINERD_LOG_LEVEL=debug`: a more talkative containerd (and shim) log;
-//! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging.
+//! * `KILN_E2E_KEEP=1`: keep containerd's directory (log, state) after the run, for debugging;
+//! * `KILN_E2E_SLOW=N`: multiply every deadline by N, on a slow (emulated) node; see
+//!   [`process::slow_factor`].
 //!
 //! [`cri`] is the other harness: the same kind of private containerd, driven through the CRI as
 //! kubelet drives it (pods, runtime handlers `runc` and `kiln`).
@@ -848,7 +850,8 @@ pub fn assert_cleaned_up(id: &str, timeout: Duration) {
     });
     assert!(
         clean.is_some(),
-        "container {id}: still present {timeout:?} after it ended:\n  {}",
+        "container {id}: still present {:?} after it ended:\n  {}",
+        process::deadline(timeout),
         last.join("\n  ")
     );
 }

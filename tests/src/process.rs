@@ -11,6 +11,25 @@ use std::time::{Duration, Instant};
 /// holding them open (a daemon that inherited them) must not hang a test.
 const PIPE_GRACE: Duration = Duration::from_secs(3);
 
+/// `KILN_E2E_SLOW=N` multiplies every deadline of the harness (commands, and the waits of
+/// [`wait_until`]) by N; default 1. The deadlines only catch hangs, and they are set for a real
+/// node: a node whose CPUs are emulated (scripts/vm-v2.sh) runs everything 10–50 times slower.
+pub fn slow_factor() -> u32 {
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *FACTOR.get_or_init(|| {
+        std::env::var("KILN_E2E_SLOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n >= 1)
+            .unwrap_or(1)
+    })
+}
+
+/// A deadline of the harness, scaled by [`slow_factor`].
+pub fn deadline(timeout: Duration) -> Duration {
+    timeout * slow_factor()
+}
+
 /// What a finished (or timed-out) command did.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -141,9 +160,10 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
-    /// Waits up to `timeout` for the process; kills it when the deadline passes.
+    /// Waits up to `timeout` (scaled by [`slow_factor`]) for the process; kills it when the
+    /// deadline passes.
     pub fn wait(mut self, timeout: Duration) -> Output {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + deadline(timeout);
         let mut timed_out = false;
         let status = loop {
             match self.child.try_wait() {
@@ -247,9 +267,10 @@ pub fn run_with_tty(mut cmd: Command, timeout: Duration) -> Output {
     }
 }
 
-/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` (scaled by [`slow_factor`])
+/// passes.
 pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + deadline(timeout);
     loop {
         if let Some(v) = f() {
             return Some(v);
