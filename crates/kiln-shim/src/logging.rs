@@ -48,8 +48,14 @@ struct Logger;
 /// Kiln's own phase timings.
 const DEPENDENCY_MAX: LevelFilter = LevelFilter::Info;
 
+/// Kiln's own targets: its library crates, and this binary (whose crate is named after it).
+fn is_kiln(target: &str) -> bool {
+    target.starts_with("kiln")
+        || target.starts_with(module_path!().split("::").next().unwrap_or("kiln"))
+}
+
 fn level_for(target: &str) -> LevelFilter {
-    if target.starts_with("kiln") {
+    if is_kiln(target) {
         log::max_level()
     } else {
         log::max_level().min(DEPENDENCY_MAX)
@@ -168,7 +174,8 @@ mod tests {
             )
         };
         assert!(debug("kiln_worker::run"));
-        assert!(debug("kiln_shim::service"));
+        // The shim's own modules log under the binary's crate name.
+        assert!(debug("containerd_shim_kiln_v1::create"));
         assert!(!debug("cranelift_codegen::timing"));
         assert!(!debug("wasmtime::runtime"));
         assert!(info("wasmtime::runtime"));
