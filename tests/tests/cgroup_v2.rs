@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_e2e::oci::Image;
 use kiln_e2e::{
     Container, Kiln, RUNTIME, assert_cleaned_up, image, kiln_with_env, processes_of, wait_until,
 };
+use kiln_image::Image;
 
 /// How long a container may take to start, or a finished one to be seen STOPPED (a first
 /// start compiles its module).
@@ -204,11 +204,8 @@ fn busy_loop_image(k: &'static Kiln) -> String {
     let reference = "docker.io/kiln-test/busyloop:latest";
     let wasm = wat::parse_str(r#"(module (func (export "_start") (loop $spin (br $spin))))"#)
         .expect("the busy loop's WAT");
-    let img = Image::single_file(reference, "/busyloop.wasm", wasm);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tar = dir.path().join("busyloop.tar");
-    std::fs::write(&tar, img.to_tar().expect("tar")).expect("write the image");
-    let out = k.import(&tar);
+    let img = Image::single_file(reference, "/busyloop.wasm", wasm).expect("describe the image");
+    let out = k.import_image(&img);
     assert!(out.success(), "import {reference}:\n{out}");
     reference.to_string()
 }
