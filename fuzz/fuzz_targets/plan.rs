@@ -496,27 +496,30 @@ fn place_sources(spec: &mut Value, tree: &Tree) {
 
 fn check(plan: &Plan, spec: &oci_spec::runtime::Spec, tree: &Tree, host: &Host) {
     let root = &tree.root;
-    // The module.
+    // The module: a file of the rootfs (plan() never names a layer).
+    let kiln_plan::ModuleSource::File(module_path) = &plan.module else {
+        panic!("plan() gave a module that is not a rootfs file: {:?}", plan.module);
+    };
     assert!(
-        plan.module_path.starts_with(root) && !has_parent_dir(&plan.module_path),
+        module_path.starts_with(root) && !has_parent_dir(module_path),
         "module path {:?} is not below the rootfs",
-        plan.module_path
+        module_path
     );
     assert!(
-        really_inside(&plan.module_path, root),
+        really_inside(module_path, root),
         "module {:?} resolves outside the rootfs",
-        plan.module_path
+        module_path
     );
     assert!(
-        plan.module_path.is_file(),
+        module_path.is_file(),
         "module {:?} is not a file",
-        plan.module_path
+        module_path
     );
-    let head = std::fs::read(&plan.module_path).expect("read the module");
+    let head = std::fs::read(module_path).expect("read the module");
     assert!(
         head.starts_with(b"\0asm"),
         "module {:?} is not Wasm",
-        plan.module_path
+        module_path
     );
 
     // Preopens.

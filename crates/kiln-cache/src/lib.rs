@@ -5,8 +5,10 @@
 //! relocations. So every module is compiled at most once per engine configuration and the
 //! artifact is kept on disk:
 //!
-//! * The key is the sha256 of the module bytes, in a directory named after the engine's
+//! * The key is the sha256 of the module bytes (for a module shipped as an OCI layer, the
+//!   layer's digest, which is that same hash), in a directory named after the engine's
 //!   compatibility hash, so a Kiln upgrade or a different CPU never sees a foreign artifact.
+//!   Core modules and components have separate entries.
 //! * Entries are written to a temporary file and renamed into place, so a reader sees a whole
 //!   entry or none; two workers compiling the same module at once both write identical bytes.
 //! * Each artifact has a sidecar checksum (xxh3-128 of the artifact and its length). Wasmtime
@@ -24,10 +26,10 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 /// Suffix of compiled artifacts.
@@ -47,14 +49,17 @@ pub enum CacheError {
         source: std::io::Error,
     },
     /// Wasmtime rejected the module (corrupt, truncated, unsupported feature...).
-    #[error("invalid WebAssembly module: {0:#}")]
+    #[error("invalid WebAssembly binary: {0:#}")]
     Compile(wasmtime::Error),
     /// The process that compiles the module failed for another reason than the module.
     #[error("compiler process: {0}")]
     Compiler(String),
-    /// A freshly written artifact could not be loaded back.
+    /// A freshly compiled artifact could not be loaded.
     #[error("cannot load compiled module: {0:#}")]
     Load(wasmtime::Error),
+    /// The bytes handed over for a module are not the ones its digest names.
+    #[error("the module's bytes do not match its digest {0}")]
+    Digest(String),
 }
 
 /// How a module was obtained, for logs and benchmarks.
@@ -64,13 +69,69 @@ pub enum Outcome {
     Hit,
     /// No artifact: compiled and stored.
     Miss,
-    /// An artifact was present but failed its checks: compiled and replaced.
-    Replaced,
     /// Caching is off (no usable directory): compiled in memory.
     Uncached,
     /// No artifact: compiled by the fast baseline compiler for this start only, while the
     /// optimizing compile fills the cache in the background (decided by the caller).
     Baseline,
+}
+
+/// What a Wasm binary is, for its artifact: core modules and components are compiled and
+/// loaded differently, so they never share an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A core module.
+    Module,
+    /// A component.
+    Component,
+}
+
+impl Kind {
+    fn suffix(self) -> &'static str {
+        match self {
+            Kind::Module => "",
+            Kind::Component => ".component",
+        }
+    }
+}
+
+/// A cache key: the sha256 of the Wasm binary, in hex. For a module that comes as an OCI
+/// layer it is the layer's digest, so nothing is hashed at start; the same binary as a file in
+/// a rootfs has the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key(String);
+
+impl Key {
+    /// The key of `wasm`, by hashing it.
+    pub fn of(wasm: &[u8]) -> Key {
+        Key(hex::encode(Sha256::digest(wasm)))
+    }
+
+    /// The key named by an OCI digest (`sha256:<64 hex digits>`).
+    pub fn from_digest(digest: &str) -> Option<Key> {
+        let hex = digest.strip_prefix("sha256:")?;
+        (hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| Key(hex.to_string()))
+    }
+
+    /// The hex digest.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `wasm` is the binary this key names.
+    pub fn matches(&self, wasm: &[u8]) -> bool {
+        Key::of(wasm) == *self
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// A cache directory bound to one engine configuration.
@@ -114,31 +175,21 @@ impl Cache {
         self.dir.as_deref()
     }
 
-    /// The cache key of a module: the sha256 of its bytes, in hex.
-    pub fn key(wasm: &[u8]) -> String {
-        hex::encode(Sha256::digest(wasm))
+    fn paths(&self, key: &Key, kind: Kind) -> Option<(PathBuf, PathBuf)> {
+        let dir = self.dir.as_ref()?;
+        let name = format!("{key}{}", kind.suffix());
+        Some((
+            dir.join(format!("{name}.{ARTIFACT_EXT}")),
+            dir.join(format!("{name}.{SUM_EXT}")),
+        ))
     }
 
-    /// The module's artifact if the cache holds a valid one; `None` (after logging why, for a
-    /// bad entry) otherwise, or when caching is off.
-    pub fn lookup(&self, engine: &Engine, wasm: &[u8]) -> Option<Module> {
-        let dir = self.dir.as_ref()?;
-        let key = Cache::key(wasm);
-        let artifact = dir.join(format!("{key}.{ARTIFACT_EXT}"));
-        let sum = dir.join(format!("{key}.{SUM_EXT}"));
+    /// The artifact for `key` if the cache holds one whose checksum matches (a bad entry is
+    /// logged and treated as absent, to be replaced).
+    pub fn artifact(&self, key: &Key, kind: Kind) -> Option<PathBuf> {
+        let (artifact, sum) = self.paths(key, kind)?;
         match verify(&artifact, &sum) {
-            // SAFETY: as in `load_bytes_with`: written by this engine configuration's
-            // `precompile_module` into a root-only directory, and its checksum matches.
-            Ok(true) => match unsafe { Module::deserialize_file(engine, &artifact) } {
-                Ok(m) => {
-                    debug!("compile cache hit {key}");
-                    Some(m)
-                }
-                Err(e) => {
-                    warn!("compile cache entry {key} rejected by wasmtime: {e:#}");
-                    None
-                }
-            },
+            Ok(true) => Some(artifact),
             Ok(false) => None,
             Err(reason) => {
                 warn!("compile cache entry {key} is corrupt ({reason})");
@@ -147,26 +198,56 @@ impl Cache {
         }
     }
 
-    /// Stores `artifact`, the output of `precompile_module` for `wasm` by this cache's engine
-    /// configuration. Does nothing when caching is off.
-    pub fn store_artifact(&self, wasm: &[u8], artifact: &[u8]) -> std::io::Result<()> {
-        let Some(dir) = &self.dir else {
-            return Ok(());
-        };
-        let key = Cache::key(wasm);
-        store(
-            &dir.join(format!("{key}.{ARTIFACT_EXT}")),
-            &dir.join(format!("{key}.{SUM_EXT}")),
-            artifact,
-        )
+    /// The cached module for `key`, mapped.
+    pub fn load_module(&self, engine: &Engine, key: &Key) -> Option<Module> {
+        let artifact = self.artifact(key, Kind::Module)?;
+        // SAFETY: written by `precompile_module` of an engine with this one's compatibility
+        // hash (the directory's name) into a directory only root can write, and its checksum
+        // matches what was recorded when it was written.
+        match unsafe { Module::deserialize_file(engine, &artifact) } {
+            Ok(m) => {
+                debug!("compile cache hit {key}");
+                Some(m)
+            }
+            Err(e) => {
+                warn!("compile cache entry {key} rejected by wasmtime: {e:#}");
+                None
+            }
+        }
     }
 
-    /// Takes the lock that says "this module is being compiled into the cache", if no one
+    /// The cached component for `key`, mapped.
+    pub fn load_component(&self, engine: &Engine, key: &Key) -> Option<Component> {
+        let artifact = self.artifact(key, Kind::Component)?;
+        // SAFETY: as for `load_module`, with `precompile_component`.
+        match unsafe { Component::deserialize_file(engine, &artifact) } {
+            Ok(c) => {
+                debug!("compile cache hit {key} (component)");
+                Some(c)
+            }
+            Err(e) => {
+                warn!("compile cache entry {key} (component) rejected by wasmtime: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Stores `artifact`, the output of this cache's engine configuration's
+    /// `precompile_module` (or `precompile_component`) for the binary `key` names. Does
+    /// nothing when caching is off.
+    pub fn store(&self, key: &Key, kind: Kind, artifact: &[u8]) -> std::io::Result<()> {
+        let Some((path, sum)) = self.paths(key, kind) else {
+            return Ok(());
+        };
+        store(&path, &sum, artifact)
+    }
+
+    /// Takes the lock that says "this binary is being compiled into the cache", if no one
     /// holds it: a burst of starts of a new module then compiles it once, not once per
     /// container. Released when the returned file is closed (or its process ends).
-    pub fn try_lock_fill(&self, wasm: &[u8]) -> Option<File> {
+    pub fn try_lock_fill(&self, key: &Key) -> Option<File> {
         let dir = self.dir.as_ref()?;
-        let lock = dir.join(format!("{}.fill", Cache::key(wasm)));
+        let lock = dir.join(format!("{key}.fill"));
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -177,100 +258,6 @@ impl Cache {
         // SAFETY: flock on a descriptor we own.
         let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         (rc == 0).then_some(f)
-    }
-
-    /// Loads the module at `path`, from the cache when possible.
-    pub fn load_file(&self, engine: &Engine, path: &Path) -> Result<(Module, Outcome), CacheError> {
-        self.load_file_with(engine, path, |engine, wasm| {
-            engine.precompile_module(wasm).map_err(CacheError::Compile)
-        })
-    }
-
-    /// [`Cache::load_file`] with the compilation done by `compile` (see
-    /// [`Cache::load_bytes_with`]).
-    pub fn load_file_with(
-        &self,
-        engine: &Engine,
-        path: &Path,
-        compile: impl FnOnce(&Engine, &[u8]) -> Result<Vec<u8>, CacheError>,
-    ) -> Result<(Module, Outcome), CacheError> {
-        let bytes = fs::read(path).map_err(|source| CacheError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        self.load_bytes_with(engine, &bytes, compile)
-    }
-
-    /// Loads a module from its bytes, from the cache when possible.
-    pub fn load_bytes(
-        &self,
-        engine: &Engine,
-        wasm: &[u8],
-    ) -> Result<(Module, Outcome), CacheError> {
-        self.load_bytes_with(engine, wasm, |engine, wasm| {
-            engine.precompile_module(wasm).map_err(CacheError::Compile)
-        })
-    }
-
-    /// Like [`Cache::load_bytes`], with the compilation on a miss done by `compile`, which
-    /// must return what [`Engine::precompile_module`] would. The worker uses it to compile in
-    /// a short-lived child process, so that Cranelift's memory and threads leave with it.
-    pub fn load_bytes_with(
-        &self,
-        engine: &Engine,
-        wasm: &[u8],
-        compile: impl FnOnce(&Engine, &[u8]) -> Result<Vec<u8>, CacheError>,
-    ) -> Result<(Module, Outcome), CacheError> {
-        let Some(dir) = &self.dir else {
-            let compiled = compile(engine, wasm)?;
-            // SAFETY: `compile` returns this engine's `precompile_module` output (its contract).
-            let m = unsafe { Module::deserialize(engine, &compiled) }.map_err(CacheError::Load)?;
-            return Ok((m, Outcome::Uncached));
-        };
-        let key = hex::encode(Sha256::digest(wasm));
-        let artifact = dir.join(format!("{key}.{ARTIFACT_EXT}"));
-        let sum = dir.join(format!("{key}.{SUM_EXT}"));
-
-        let mut outcome = Outcome::Miss;
-        match verify(&artifact, &sum) {
-            Ok(true) => {
-                // SAFETY: the artifact was written by `precompile_module` of an engine with the
-                // same compatibility hash (the directory name), into a directory only root can
-                // write, and its checksum matches what was recorded when it was written.
-                match unsafe { Module::deserialize_file(engine, &artifact) } {
-                    Ok(m) => {
-                        debug!("compile cache hit {key}");
-                        return Ok((m, Outcome::Hit));
-                    }
-                    Err(e) => {
-                        warn!("compile cache entry {key} rejected by wasmtime, recompiling: {e:#}");
-                        outcome = Outcome::Replaced;
-                    }
-                }
-            }
-            Ok(false) => {}
-            Err(reason) => {
-                warn!("compile cache entry {key} is corrupt ({reason}), recompiling");
-                outcome = Outcome::Replaced;
-            }
-        }
-
-        let started = Instant::now();
-        let compiled = compile(engine, wasm)?;
-        info!(
-            "compiled module {key} ({} bytes) in {:?}",
-            wasm.len(),
-            started.elapsed()
-        );
-        if let Err(e) = store(&artifact, &sum, &compiled) {
-            warn!("cannot store compiled module {key}: {e}; continuing uncached");
-            // SAFETY: `compiled` was produced just now by this engine.
-            let m = unsafe { Module::deserialize(engine, &compiled) }.map_err(CacheError::Load)?;
-            return Ok((m, Outcome::Uncached));
-        }
-        // SAFETY: written just now from this engine's output and checksummed.
-        let m = unsafe { Module::deserialize_file(engine, &artifact) }.map_err(CacheError::Load)?;
-        Ok((m, outcome))
     }
 }
 

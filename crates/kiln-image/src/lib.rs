@@ -71,6 +71,7 @@
 mod layout;
 mod read;
 mod reference;
+mod select;
 mod wasm;
 
 use std::fmt;
@@ -87,6 +88,9 @@ pub use layout::{
 pub use oci_spec::image::MediaType;
 pub use read::{FoundModule, LoadedImage, WASM_LAYER_MEDIA_TYPES, read_layout};
 pub use reference::{Platform, Reference};
+pub use select::{
+    SelectError, WasmLayer, is_wasm_platform, select_layer, wasm_layers, wasm_manifest,
+};
 pub use wasm::{ComponentInfo, NotWasm, WASM_MAGIC, WasmKind, component_info, detect};
 
 /// Media type of the image index (`index.json`).

@@ -104,14 +104,22 @@ pub(crate) fn kind(host: &Path, guest: &str) -> Result<ModuleKind, PlanError> {
         }
         got += n;
     }
-    if got < 4 || &head[..4] != WASM_MAGIC {
+    kind_of(&head[..got], guest)
+}
+
+/// The kind of the binary whose first bytes are `head` (`what` names it in errors).
+pub(crate) fn kind_of(head: &[u8], what: &str) -> Result<ModuleKind, PlanError> {
+    if head.len() < 4 || &head[..4] != WASM_MAGIC {
         return Err(PlanError::NotWasm {
-            path: guest.to_string(),
+            path: what.to_string(),
         });
     }
-    let version = [head[4], head[5], head[6], head[7]];
+    let mut version = [0u8; 4];
+    for (i, b) in head[4..].iter().take(4).enumerate() {
+        version[i] = *b;
+    }
     ModuleKind::from_version(version).ok_or(PlanError::UnknownWasmVersion {
-        path: guest.to_string(),
+        path: what.to_string(),
         version,
     })
 }

@@ -65,8 +65,8 @@ pub struct Plan {
     pub id: String,
     /// What the container is for.
     pub role: Role,
-    /// Host path of the module file, inside the container's rootfs.
-    pub module_path: PathBuf,
+    /// Where the module comes from.
+    pub module: ModuleSource,
     /// Whether the file is a core module or a component.
     pub module_kind: ModuleKind,
     /// The export to call (`path#func` in `process.args[0]`; default `_start`).
@@ -94,6 +94,39 @@ pub struct Plan {
     /// Everything else that confines the worker: capabilities, rlimits, seccomp, devices,
     /// id mappings, sysctls.
     pub sandbox: Sandbox,
+}
+
+/// Where a container's Wasm binary is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModuleSource {
+    /// A file inside the container's rootfs (host path).
+    File(PathBuf),
+    /// A layer of the container's image, by digest: the shim hands its bytes over only when
+    /// the compile cache does not have it (see [`ImageLayer`]).
+    Layer {
+        /// `sha256:<hex>`: the module's sha256, and its compile-cache key.
+        digest: String,
+        /// The layer's media type.
+        media_type: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// None (a pod sandbox).
+    None,
+}
+
+/// A Wasm layer of the container's image, as the shim found it in containerd's content store
+/// (the image forms whose module is not a file of the rootfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The layer's media type.
+    pub media_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its first eight bytes (magic and version), which tell a module from a component.
+    pub head: Vec<u8>,
 }
 
 /// A host directory the guest sees at `guest` path.
@@ -241,6 +274,28 @@ impl Host {
 
 /// Builds the plan for container `id` from its spec and the host path of its mounted rootfs.
 pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, PlanError> {
+    plan_inner(id, spec, rootfs, host, None)
+}
+
+/// Builds the plan of a container whose module is `layer`, a layer of its image rather than a
+/// file of its rootfs (the rootfs is still the guest's `/`).
+pub fn plan_with_layer(
+    id: &str,
+    spec: &Spec,
+    rootfs: &Path,
+    host: &Host,
+    layer: &ImageLayer,
+) -> Result<Plan, PlanError> {
+    plan_inner(id, spec, rootfs, host, Some(layer))
+}
+
+fn plan_inner(
+    id: &str,
+    spec: &Spec,
+    rootfs: &Path,
+    host: &Host,
+    layer: Option<&ImageLayer>,
+) -> Result<Plan, PlanError> {
     fields::check(spec, host)?;
     let process = spec.process().as_ref().ok_or(PlanError::NoProcess)?;
     if process.terminal().unwrap_or(false) {
@@ -265,9 +320,24 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
     let cwd = process.cwd().to_string_lossy().into_owned();
     let cwd = if cwd.is_empty() { "/".to_string() } else { cwd };
 
-    let (module_path, guest_path) = entrypoint::find(name, &env, &cwd, rootfs)?;
-    utf8(&module_path, &guest_path, rootfs)?;
-    let module_kind = entrypoint::kind(&module_path, &guest_path)?;
+    let (module, module_kind) = match layer {
+        Some(l) => {
+            let what = format!("layer {}", l.digest);
+            let kind = entrypoint::kind_of(&l.head, &what)?;
+            let source = ModuleSource::Layer {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                size: l.size,
+            };
+            (source, kind)
+        }
+        None => {
+            let (path, guest_path) = entrypoint::find(name, &env, &cwd, rootfs)?;
+            utf8(&path, &guest_path, rootfs)?;
+            let kind = entrypoint::kind(&path, &guest_path)?;
+            (ModuleSource::File(path), kind)
+        }
+    };
 
     let mut guest_args = args.clone();
     guest_args[0] = name.to_string();
@@ -314,7 +384,7 @@ pub fn plan(id: &str, spec: &Spec, rootfs: &Path, host: &Host) -> Result<Plan, P
     Ok(Plan {
         id: id.to_string(),
         role: Role::Guest,
-        module_path,
+        module,
         module_kind,
         entry_func: entry_func.to_string(),
         args: guest_args,
@@ -349,7 +419,7 @@ fn pod_sandbox(id: &str, spec: &Spec, host: &Host) -> Result<Plan, PlanError> {
     Ok(Plan {
         id: id.to_string(),
         role: Role::PodSandbox,
-        module_path: PathBuf::new(),
+        module: ModuleSource::None,
         module_kind: ModuleKind::Core,
         entry_func: String::new(),
         args: process.args().clone().unwrap_or_default(),

@@ -49,7 +49,7 @@ fn rootfs() -> tempfile::TempDir {
 fn absolute_entrypoint_with_default_func() {
     let root = rootfs();
     let p = plan("c1", &spec(serde_json::json!({})), root.path(), &HOST).expect("plan");
-    assert_eq!(p.module_path, root.path().join("hello.wasm"));
+    assert_eq!(p.module, ModuleSource::File(root.path().join("hello.wasm")));
     assert_eq!(p.entry_func, "_start");
     assert_eq!(p.args, vec!["/hello.wasm"]);
     assert_eq!(p.preopens[0].guest, "/");
@@ -76,12 +76,18 @@ fn bare_name_is_found_through_path_then_cwd() {
     let root = rootfs();
     let s = spec(serde_json::json!({"process": {"args": ["tool.wasm"]}}));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
-    assert_eq!(p.module_path, root.path().join("usr/bin/tool.wasm"));
+    assert_eq!(
+        p.module,
+        ModuleSource::File(root.path().join("usr/bin/tool.wasm"))
+    );
     assert_eq!(p.args[0], "tool.wasm");
 
     let s = spec(serde_json::json!({"process": {"args": ["local.wasm"], "cwd": "/app"}}));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
-    assert_eq!(p.module_path, root.path().join("app/local.wasm"));
+    assert_eq!(
+        p.module,
+        ModuleSource::File(root.path().join("app/local.wasm"))
+    );
     assert_eq!(p.cwd, "/app");
 }
 
@@ -119,10 +125,10 @@ fn absolute_symlinks_stay_inside_the_rootfs() {
     symlink("../../../../../hello.wasm", root.path().join("app/up.wasm")).expect("symlink");
     let s = spec(serde_json::json!({"process": {"args": ["/link.wasm"]}}));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
-    assert_eq!(p.module_path, root.path().join("hello.wasm"));
+    assert_eq!(p.module, ModuleSource::File(root.path().join("hello.wasm")));
     let s = spec(serde_json::json!({"process": {"args": ["/app/up.wasm"]}}));
     let p = plan("c1", &s, root.path(), &HOST).expect("plan");
-    assert_eq!(p.module_path, root.path().join("hello.wasm"));
+    assert_eq!(p.module, ModuleSource::File(root.path().join("hello.wasm")));
     // A symlink loop is an error, not a hang.
     symlink("/loop", root.path().join("loop")).expect("symlink");
     assert!(resolve_in_root(root.path(), "/loop/x").is_err());
@@ -692,4 +698,31 @@ fn a_pod_sandbox_has_no_module_and_keeps_its_namespaces() {
     assert_eq!(kinds, ["network", "ipc", "uts"]);
     assert_eq!(p.sandbox.hostname.as_deref(), Some("pod-a"));
     assert_eq!(p.sandbox.skipped, ["pid"]);
+}
+
+#[test]
+fn a_layer_module_is_planned_from_its_digest_and_first_bytes() {
+    let root = tempfile::tempdir().expect("an empty rootfs, as a layer image has");
+    let layer = |head: &[u8]| ImageLayer {
+        digest: format!("sha256:{}", "a".repeat(64)),
+        media_type: "application/wasm".to_string(),
+        size: 1234,
+        head: head.to_vec(),
+    };
+    let s = spec(serde_json::json!({"process": {"args": ["hello.wasm", "x"]}}));
+    let p = plan_with_layer("c1", &s, root.path(), &HOST, &layer(COMPONENT)).expect("plan");
+    assert_eq!(p.module_kind, ModuleKind::Component);
+    assert!(matches!(p.module, ModuleSource::Layer { size: 1234, .. }));
+    assert_eq!(p.args, ["hello.wasm", "x"]);
+    assert_eq!(
+        p.preopens[0].host,
+        root.path(),
+        "the (empty) rootfs is still the guest's /"
+    );
+    let e = plan_with_layer("c1", &s, root.path(), &HOST, &layer(b"#!/bin/sh\n"))
+        .expect_err("not Wasm");
+    assert!(
+        e.to_string().contains("sha256:aaaa"),
+        "the error names the layer: {e}"
+    );
 }

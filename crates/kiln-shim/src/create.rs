@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use containerd_shim::protos::api::CreateTaskRequest;
 use kiln_cgroups::{Cgroup, Layout};
-use kiln_worker::protocol::MAX_REPORT;
+use kiln_worker::protocol::{MAX_REPORT, MODULE_BYTE};
 use kiln_worker::{SpawnRequest, Stdio, WorkerReport};
 use log::{debug, warn};
 use tokio::io::AsyncReadExt;
@@ -101,12 +101,22 @@ struct Prepared {
     undo: Undo,
 }
 
-fn prepare(
-    req: &CreateTaskRequest,
-    namespace: &str,
-    host: &kiln_plan::Host,
-    layout: &Layout,
-) -> Result<Prepared, String> {
+/// The bundle read and the rootfs mounted.
+struct Mounted {
+    spec: oci_spec::runtime::Spec,
+    rootfs: PathBuf,
+    mounted: Option<PathBuf>,
+    undo: Undo,
+}
+
+/// What the blocking part found.
+enum Stage {
+    Prepared(Box<Prepared>),
+    /// The entrypoint is not a file of the rootfs: it may be a layer of the image.
+    NoFile(Box<(Mounted, kiln_plan::PlanError)>),
+}
+
+fn mount(req: &CreateTaskRequest) -> Result<Mounted, String> {
     let mut undo = Undo::default();
     let bundle = PathBuf::from(&req.bundle);
     if let Err(e) = crate::logging::add(&req.id, &bundle) {
@@ -141,7 +151,54 @@ fn prepare(
             mounted = Some(rootfs.clone());
         }
     }
-    let plan = kiln_plan::plan(&req.id, &spec, &rootfs, host).map_err(|e| e.to_string())?;
+    Ok(Mounted {
+        spec,
+        rootfs,
+        mounted,
+        undo,
+    })
+}
+
+fn prepare(
+    req: &CreateTaskRequest,
+    namespace: &str,
+    host: &kiln_plan::Host,
+    layout: &Layout,
+) -> Result<Stage, String> {
+    let m = mount(req)?;
+    match kiln_plan::plan(&req.id, &m.spec, &m.rootfs, host) {
+        Ok(plan) => finish(req, namespace, layout, m, plan).map(|p| Stage::Prepared(Box::new(p))),
+        Err(e @ kiln_plan::PlanError::EntrypointNotFound { .. }) => {
+            Ok(Stage::NoFile(Box::new((m, e))))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The plan of a container whose module is `layer`, then [`finish`].
+fn prepare_layer(
+    req: &CreateTaskRequest,
+    namespace: &str,
+    host: &kiln_plan::Host,
+    layout: &Layout,
+    m: Mounted,
+    layer: &kiln_plan::ImageLayer,
+) -> Result<Prepared, String> {
+    let plan = kiln_plan::plan_with_layer(&req.id, &m.spec, &m.rootfs, host, layer)
+        .map_err(|e| e.to_string())?;
+    finish(req, namespace, layout, m, plan)
+}
+
+fn finish(
+    req: &CreateTaskRequest,
+    namespace: &str,
+    layout: &Layout,
+    m: Mounted,
+    plan: kiln_plan::Plan,
+) -> Result<Prepared, String> {
+    let Mounted {
+        mounted, mut undo, ..
+    } = m;
     let seccomp = crate::seccomp::filter(&plan.sandbox.seccomp)?;
     let cgroup = Cgroup::create(
         layout,
@@ -158,6 +215,50 @@ fn prepare(
         rootfs: mounted,
         undo,
     })
+}
+
+/// The blocking stages, then (for a module that is not in the rootfs) the image's layer.
+async fn prepare_all(svc: &Service, req: &CreateTaskRequest) -> Result<Prepared, String> {
+    let layout = svc.layout()?;
+    let host = *svc.host();
+    let namespace = svc.namespace.clone();
+    let r = req.clone();
+    let (l, ns) = (layout.clone(), namespace.clone());
+    let stage = tokio::task::spawn_blocking(move || prepare(&r, &ns, &host, &l))
+        .await
+        .map_err(|e| format!("prepare the container: {e}"))??;
+    let (mounted, not_found) = match stage {
+        Stage::Prepared(p) => return Ok(*p),
+        Stage::NoFile(b) => *b,
+    };
+    let arg0 = mounted
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.args().as_ref())
+        .and_then(|a| a.first().cloned())
+        .unwrap_or_default();
+    let layer = match svc.images.wasm_layer(&namespace, &req.id, &arg0).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Err(not_found.to_string()),
+        Err(crate::image::LayerError::Choose(e)) => return Err(e),
+        Err(crate::image::LayerError::Read(e)) => {
+            return Err(format!(
+                "{not_found}; and its image could not be read for a Wasm layer: {e}"
+            ));
+        }
+    };
+    debug!(
+        id = req.id.as_str();
+        "{}: the module is layer {} ({}, {} bytes) of the image",
+        req.id, layer.digest, layer.media_type, layer.size
+    );
+    let r = req.clone();
+    tokio::task::spawn_blocking(move || {
+        prepare_layer(&r, &namespace, &host, &layout, mounted, &layer)
+    })
+    .await
+    .map_err(|e| format!("prepare the container: {e}"))?
 }
 
 /// Reads the worker's one-line report, at most [`MAX_REPORT`] bytes.
@@ -185,6 +286,33 @@ async fn read_report(chan: &mut tokio::net::UnixStream) -> Result<WorkerReport, 
     }
 }
 
+/// Hands the worker the memfd holding its module.
+async fn send_fd(chan: &tokio::net::UnixStream, fd: &OwnedFd) -> Result<(), String> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    loop {
+        chan.writable()
+            .await
+            .map_err(|e| format!("send the module to the worker: {e}"))?;
+        let sent = chan.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<()>(
+                chan.as_raw_fd(),
+                &[std::io::IoSlice::new(&[MODULE_BYTE])],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("send the module to the worker: {e}")),
+        }
+    }
+}
+
 /// Everything Create does; on error, what it made is gone by the time the error is seen.
 pub async fn create(
     svc: &Service,
@@ -193,20 +321,13 @@ pub async fn create(
     let t0 = Instant::now();
     // An earlier container with this id may still be cleaning up its cgroup.
     svc.table.cleanups_of(&req.id).await;
-    let layout = svc.layout()?;
-    let host = *svc.host();
-    let namespace = svc.namespace.clone();
-    let r = req.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare(&r, &namespace, &host, &layout))
-        .await
-        .map_err(|e| format!("prepare the container: {e}"))??;
     let Prepared {
         plan,
         seccomp,
         cgroup,
         rootfs,
         mut undo,
-    } = prepared;
+    } = prepare_all(svc, req).await?;
     let t_plan = t0.elapsed();
 
     let stdio = Stdio {
@@ -215,6 +336,10 @@ pub async fn create(
         stderr: req.stderr.clone(),
     };
     let role = plan.role;
+    let layer = match &plan.module {
+        kiln_plan::ModuleSource::Layer { digest, .. } => Some(digest.clone()),
+        _ => None,
+    };
     let spawn = SpawnRequest {
         plan,
         stdio: stdio.clone(),
@@ -241,7 +366,24 @@ pub async fn create(
 
     let mut chan = spawned.chan;
     let timeout = setup_timeout();
-    let report = match tokio::time::timeout(timeout, read_report(&mut chan)).await {
+    let setup = async {
+        loop {
+            match read_report(&mut chan).await? {
+                WorkerReport::NeedModule { digest } => {
+                    if layer.as_deref() != Some(digest.as_str()) {
+                        return Err(format!(
+                            "the worker asked for {digest}, which is not the container's layer"
+                        ));
+                    }
+                    let fd = svc.images.blob(&svc.namespace, &digest).await?;
+                    send_fd(&chan, &fd).await?;
+                    debug!(id = req.id.as_str(); "{}: sent layer {digest} to the worker", req.id);
+                }
+                other => return Ok(other),
+            }
+        }
+    };
+    let report = match tokio::time::timeout(timeout, setup).await {
         Ok(r) => r?,
         Err(_) => {
             return Err(format!(

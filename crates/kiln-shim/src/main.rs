@@ -15,6 +15,7 @@ mod create;
 mod events;
 mod exits;
 mod group;
+mod image;
 mod logging;
 mod manager;
 mod metrics;

@@ -61,6 +61,7 @@ async fn run(
         client.clone(),
         group.shared.then(|| flags.socket.clone()),
         group.pod,
+        &flags.address,
     ));
 
     tokio::spawn(crate::exits::reap(exits, client));

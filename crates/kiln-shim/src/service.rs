@@ -84,6 +84,8 @@ pub struct Service {
     layout: Mutex<Option<Layout>>,
     host: OnceLock<kiln_plan::Host>,
     pub(crate) cache_root: PathBuf,
+    /// containerd's API, for images whose module is a layer.
+    pub(crate) images: crate::image::Images,
     shutdown: Notify,
     /// Set when containers share this shim: its socket address, for the idle exit.
     pub(crate) shared_address: Option<String>,
@@ -103,6 +105,7 @@ impl Service {
         zygote: Arc<ZygoteClient>,
         shared_address: Option<String>,
         pod: bool,
+        containerd_address: &str,
     ) -> Self {
         let cache_root = std::env::var_os("KILN_CACHE_DIR")
             .map(PathBuf::from)
@@ -115,6 +118,7 @@ impl Service {
             layout: Mutex::new(None),
             host: OnceLock::new(),
             cache_root,
+            images: crate::image::Images::new(containerd_address),
             shutdown: Notify::new(),
             shared_address,
             maybe_idle: Notify::new(),

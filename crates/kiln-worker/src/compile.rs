@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use kiln_cache::{Cache, CacheError};
+use kiln_cache::{Cache, CacheError, Key, Kind};
 use kiln_plan::{CapabilitySets, Rlimit, User};
 use kiln_sandbox::identity::{Final, finish};
 use kiln_sandbox::seccomp::Filter;
@@ -99,12 +99,14 @@ pub(crate) struct Compile {
 }
 
 impl Compile {
-    /// Forks a child that confines itself as `conf` says, compiles `wasm` (Winch first when
-    /// `baseline`, Cranelift if Winch refuses it or when not `baseline`) and sends the artifact
-    /// back. The caller must be single-threaded; it may do other work before [`Compile::wait`].
+    /// Forks a child that confines itself as `conf` says, compiles `wasm` as a `kind` (Winch
+    /// first when `baseline`, Cranelift if Winch refuses it or when not `baseline`) and sends
+    /// the artifact back. The caller must be single-threaded; it may do other work before
+    /// [`Compile::wait`].
     pub(crate) fn start(
         engine: &wasmtime::Engine,
         wasm: &[u8],
+        kind: Kind,
         baseline: bool,
         conf: &Confinement<'_>,
     ) -> Result<Compile, CacheError> {
@@ -117,7 +119,7 @@ impl Compile {
                 drop(read_end);
                 let out = write_end.as_raw_fd();
                 close_all_but(&[out, conf.root]);
-                let code = child(engine, wasm, baseline, conf, File::from(write_end));
+                let code = child(engine, wasm, kind, baseline, conf, File::from(write_end));
                 // SAFETY: leaving the forked child without the worker's destructors.
                 unsafe { libc::_exit(code) }
             }
@@ -140,9 +142,17 @@ impl Compile {
     }
 }
 
+fn precompile(engine: &wasmtime::Engine, wasm: &[u8], kind: Kind) -> wasmtime::Result<Vec<u8>> {
+    match kind {
+        Kind::Module => engine.precompile_module(wasm),
+        Kind::Component => engine.precompile_component(wasm),
+    }
+}
+
 fn child(
     engine: &wasmtime::Engine,
     wasm: &[u8],
+    kind: Kind,
     baseline: bool,
     conf: &Confinement<'_>,
     mut out: File,
@@ -176,16 +186,14 @@ fn child(
     let mut result = None;
     if baseline
         && let Ok(b) = crate::engine::new_baseline_engine()
-        && let Ok(a) = b.precompile_module(wasm)
+        && let Ok(a) = precompile(&b, wasm, kind)
     {
         // Winch does not take every module; Cranelift may take the rest.
         result = Some((a, Compiler::Baseline));
     }
     let result = match result {
         Some(r) => Ok(r),
-        None => engine
-            .precompile_module(wasm)
-            .map(|a| (a, Compiler::Optimizing)),
+        None => precompile(engine, wasm, kind).map(|a| (a, Compiler::Optimizing)),
     };
     match result {
         Ok((artifact, compiler)) => {
@@ -315,8 +323,12 @@ pub(crate) struct KeeperArgs<'a> {
     pub engine: &'a wasmtime::Engine,
     /// The cache to fill.
     pub cache: &'a Cache,
-    /// The module.
+    /// The binary.
     pub wasm: &'a [u8],
+    /// Its cache key, computed by the worker before any compiler ran.
+    pub key: &'a Key,
+    /// Module or component.
+    pub kind: Kind,
     /// Baseline mode: fill in the background; otherwise store what the worker sends.
     pub baseline: bool,
     /// Its compile child's confinement (identity mapped to the host's ids: the keeper stays in
@@ -393,7 +405,7 @@ impl Keeper {
 /// The keeper: root, outside the container's namespaces, holding only its pipes and the empty
 /// root its compile child is chrooted into.
 fn keeper_main(args: &KeeperArgs<'_>, mut ctl: File, mut moved: File) -> i32 {
-    retitle(&format!("kiln-cache-fill {}", Cache::key(args.wasm)));
+    retitle(&format!("kiln-cache-fill {}", args.key));
     if args.baseline {
         // SAFETY: setpriority with integer arguments: the fill yields to the containers.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
@@ -410,14 +422,15 @@ fn keeper_main(args: &KeeperArgs<'_>, mut ctl: File, mut moved: File) -> i32 {
     }
     match kind[0] {
         GO => {
-            let Some(_lock) = args.cache.try_lock_fill(args.wasm) else {
+            let Some(_lock) = args.cache.try_lock_fill(args.key) else {
                 return 0;
             };
-            if args.cache.lookup(args.engine, args.wasm).is_some() {
+            if args.cache.artifact(args.key, args.kind).is_some() {
                 return 0;
             }
-            let compiled = Compile::start(args.engine, args.wasm, false, &args.confinement)
-                .and_then(Compile::wait);
+            let compiled =
+                Compile::start(args.engine, args.wasm, args.kind, false, &args.confinement)
+                    .and_then(Compile::wait);
             match compiled {
                 Ok((artifact, Compiler::Optimizing)) => store(args, &artifact),
                 _ => 6,
@@ -439,7 +452,7 @@ fn keeper_main(args: &KeeperArgs<'_>, mut ctl: File, mut moved: File) -> i32 {
 }
 
 fn store(args: &KeeperArgs<'_>, artifact: &[u8]) -> i32 {
-    match args.cache.store_artifact(args.wasm, artifact) {
+    match args.cache.store(args.key, args.kind, artifact) {
         Ok(()) => 0,
         Err(_) => 5,
     }

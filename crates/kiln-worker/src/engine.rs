@@ -5,14 +5,20 @@
 
 use wasmtime::{Config, Engine, OptLevel, Strategy};
 
-/// Builds the engine. Called once in the zygote and inherited by every worker.
-pub fn new_engine() -> wasmtime::Result<Engine> {
+/// The optimizing configuration: what the zygote's engine and the HTTP servers' pooling engine
+/// (which adds only an allocation strategy, not part of an artifact's compatibility) share.
+pub fn config() -> Config {
     let mut config = Config::new();
     config.cranelift_opt_level(OptLevel::Speed);
     config.parallel_compilation(true);
     // Linear memory is initialised copy-on-write from the mapped artifact.
     config.memory_init_cow(true);
-    Engine::new(&config)
+    config
+}
+
+/// Builds the engine. Called once in the zygote and inherited by every worker.
+pub fn new_engine() -> wasmtime::Result<Engine> {
+    Engine::new(&config())
 }
 
 /// Builds the baseline engine: Winch, a single-pass compiler, for the first start of a module

@@ -15,8 +15,11 @@
 //! workers with `CLONE_PARENT`), so the shim reaps its workers itself and a zygote that dies
 //! loses no exit.
 
+mod binary;
 mod compile;
 pub mod engine;
+pub mod http;
+mod p2;
 mod pod;
 pub mod process;
 pub mod protocol;

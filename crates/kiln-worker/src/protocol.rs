@@ -24,6 +24,9 @@ pub const MAX_REPORT: usize = 64 << 10;
 /// The byte the shim writes to a worker to let it run guest code.
 pub const START_BYTE: u8 = b'S';
 
+/// The byte the shim sends, with a memfd, in answer to [`WorkerReport::NeedModule`].
+pub const MODULE_BYTE: u8 = b'M';
+
 const MAGIC: [u8; 2] = *b"KZ";
 const VERSION: u8 = 1;
 const HEADER: usize = 12;
@@ -89,6 +92,13 @@ pub enum WorkerReport {
         cache: String,
         /// Microseconds spent loading or compiling the module.
         load_us: u64,
+    },
+    /// The module is a layer of the container's image and the compile cache does not have
+    /// it: the shim answers with [`MODULE_BYTE`] and a sealed memfd holding the layer
+    /// (`SCM_RIGHTS`), then reads the next report.
+    NeedModule {
+        /// `sha256:<hex>`: the layer.
+        digest: String,
     },
     /// Setup failed; the worker exits.
     Failed {

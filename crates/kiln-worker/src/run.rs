@@ -35,10 +35,6 @@ pub(crate) struct Prepared {
     pre: InstancePre<Host>,
     wasi: WasiP1Ctx,
     memory_cap: Option<usize>,
-    /// Cache outcome, for the report.
-    pub(crate) cache: String,
-    /// Time spent loading the module.
-    pub(crate) load_us: u64,
 }
 
 /// The cap on a guest's linear memory for a container memory limit.
@@ -60,13 +56,28 @@ pub(crate) fn wasi_ctx(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<WasiP1
     // File I/O on the guest's own thread: a worker runs one guest, there is nothing to gain
     // from handing each read to a thread pool.
     b.allow_blocking_current_thread(true);
-    let perms = |read_only: bool| {
-        if read_only {
-            FsPerms::ReadOnly
-        } else {
-            FsPerms::ReadWrite
-        }
-    };
+    add_preopens(&mut b, plan, dirs, true)?;
+    Ok(b.build_p1())
+}
+
+fn perms(read_only: bool) -> FsPerms {
+    if read_only {
+        FsPerms::ReadOnly
+    } else {
+        FsPerms::ReadWrite
+    }
+}
+
+/// Adds the guest's directories to `b`, each through the worker's detached mount of it (by its
+/// `/proc/self/fd` path, so before the worker is chrooted), its `/dev`, and (`dot_cwd`) its
+/// working directory as the preopen `.` that wasi-libc resolves relative paths through. The
+/// working directory is created when missing, as runc creates it.
+pub(crate) fn add_preopens(
+    b: &mut WasiCtxBuilder,
+    plan: &Plan,
+    dirs: &crate::worker::Dirs,
+    dot_cwd: bool,
+) -> Result<(), String> {
     for (p, fd) in plan.preopens.iter().zip(&dirs.preopens) {
         b.preopened_dir(
             kiln_sandbox::mounts::fd_path(fd),
@@ -87,9 +98,6 @@ pub(crate) fn wasi_ctx(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<WasiP1
     }
     let (index, rel) = &plan.cwd_in;
     if plan.cwd != "/" {
-        // WASI preview 1 has no working directory; wasi-libc resolves relative paths through
-        // a preopen named ".", so the spec's cwd is offered as one. Created when missing, as
-        // runc creates it.
         let holder = plan
             .preopens
             .get(*index)
@@ -97,21 +105,17 @@ pub(crate) fn wasi_ctx(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<WasiP1
         let dir = kiln_sandbox::mounts::fd_path(&dirs.preopens[*index]).join(rel);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("create working directory {}: {e}", plan.cwd))?;
-        b.preopened_dir(&dir, ".", perms(holder.read_only))
-            .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
+        if dot_cwd {
+            b.preopened_dir(&dir, ".", perms(holder.read_only))
+                .map_err(|e| format!("open working directory {}: {e:#}", plan.cwd))?;
+        }
     }
-    Ok(b.build_p1())
+    Ok(())
 }
 
 /// Links `module` (compiled by any of Kiln's engines: the optimizing one, or the baseline one
 /// for a first start) with WASI, after checking its entrypoint.
-pub(crate) fn link(
-    module: Module,
-    plan: &Plan,
-    wasi: WasiP1Ctx,
-    cache: String,
-    load_us: u64,
-) -> Result<Prepared, String> {
+pub(crate) fn link(module: Module, plan: &Plan, wasi: WasiP1Ctx) -> Result<Prepared, String> {
     let guest = plan.args.first().cloned().unwrap_or_default();
     match module.get_export(&plan.entry_func) {
         Some(ExternType::Func(ft)) => {
@@ -172,8 +176,6 @@ pub(crate) fn link(
         pre,
         wasi,
         memory_cap: memory_cap(plan.resources.memory_limit),
-        cache,
-        load_us,
     })
 }
 
@@ -292,10 +294,13 @@ mod tests {
         let engine = Engine::default();
         let root = tempfile::tempdir().expect("tempdir");
         let plan = plan(func, memory, root.path());
-        let module = Module::from_file(&engine, &plan.module_path).expect("module");
+        let kiln_plan::ModuleSource::File(path) = &plan.module else {
+            panic!("a rootfs module")
+        };
+        let module = Module::from_file(&engine, path).expect("module");
         let dirs = crate::worker::Dirs::open(&plan)?;
         let wasi = wasi_ctx(&plan, &dirs)?;
-        let p = link(module, &plan, wasi, String::new(), 0)?;
+        let p = link(module, &plan, wasi)?;
         Ok(run(p))
     }
 

@@ -23,13 +23,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use kiln_cache::{Cache, CacheError, Outcome};
+use kiln_cache::{Cache, CacheError, Kind, Outcome};
 use kiln_plan::{ModuleKind, Plan};
 use kiln_sandbox::mounts::{Attrs, clone_tree, device_dir};
 use log::debug;
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 
+use crate::binary::{Binary, describe};
 use crate::compile::{Compile, Compiler, Confinement, Keeper, KeeperArgs};
+use crate::p2::World;
 use crate::protocol::{START_BYTE, SpawnRequest, WorkerReport};
 use crate::run;
 use crate::status::EXIT_SETUP_FAILED;
@@ -46,7 +48,7 @@ pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) 
     }
     let mut chan = UnixStream::from(chan);
     let id = req.plan.id.clone();
-    let prepared = match setup(engine, &req) {
+    let prepared = match setup(engine, &req, &mut chan) {
         Ok(p) => p,
         Err(error) => {
             report(&mut chan, &WorkerReport::Failed { error });
@@ -69,7 +71,7 @@ pub(crate) fn main(engine: &wasmtime::Engine, req: SpawnRequest, chan: OwnedFd) 
         }
     }
     drop(chan);
-    run::run(prepared)
+    prepared.guest.run()
 }
 
 fn report(chan: &mut UnixStream, r: &WorkerReport) {
@@ -161,7 +163,52 @@ fn write_proc_self(file: &str, value: &str) -> Result<(), String> {
         .map_err(|e| format!("set {file} to {value}: {e}"))
 }
 
-fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared, String> {
+/// A compiled binary.
+enum Loaded {
+    Module(wasmtime::Module),
+    Component(wasmtime::component::Component),
+}
+
+/// What the worker runs, checked and linked.
+pub(crate) enum Guest {
+    /// A core module, with WASI preview 1.
+    Core(run::Prepared),
+    /// A `wasi:cli/run` component.
+    Command(crate::p2::Prepared),
+    /// A `wasi:http/incoming-handler` component, with its listening socket.
+    Http(Box<crate::http::Prepared>),
+}
+
+impl Guest {
+    fn run(self) -> i32 {
+        match self {
+            Guest::Core(p) => run::run(p),
+            Guest::Command(p) => crate::p2::run(p),
+            Guest::Http(p) => crate::http::run(*p),
+        }
+    }
+}
+
+/// A worker ready for Start.
+pub(crate) struct Ready {
+    guest: Guest,
+    cache: String,
+    load_us: u64,
+}
+
+/// The WASI context made before the worker is chrooted.
+enum Context {
+    Core(wasmtime_wasi::p1::WasiP1Ctx),
+    Command(wasmtime_wasi::WasiCtx),
+    /// A server makes one per request, from the directories it keeps.
+    Http(Vec<crate::http::Dir>),
+}
+
+fn setup(
+    engine: &wasmtime::Engine,
+    req: &SpawnRequest,
+    chan: &mut UnixStream,
+) -> Result<Ready, String> {
     let plan = &req.plan;
     let t0 = Instant::now();
     // Every fork below (keeper, compile children, id-map helper) is only sound in a
@@ -194,39 +241,68 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
         plan.id,
         t0.elapsed()
     );
-    if plan.module_kind == ModuleKind::Component {
-        return Err(format!(
-            "{} is a WebAssembly component; Kiln runs WASI preview 1 core modules \
-             (build for wasm32-wasip1)",
-            plan.args.first().cloned().unwrap_or_default()
-        ));
-    }
 
     let started = Instant::now();
+    let kind = match plan.module_kind {
+        ModuleKind::Core => Kind::Module,
+        ModuleKind::Component => Kind::Component,
+    };
+    let mut binary = Binary::of(plan)?;
     let cache = Cache::open(&req.cache_root, engine);
-    let wasm = std::fs::read(&plan.module_path).map_err(|source| {
-        describe_load_error(
-            plan,
-            CacheError::Read {
-                path: plan.module_path.clone(),
-                source,
-            },
-        )
-    })?;
-    let hit = cache.lookup(engine, &wasm);
+    let mut hit = match kind {
+        Kind::Module => cache.load_module(engine, &binary.key).map(Loaded::Module),
+        Kind::Component => cache
+            .load_component(engine, &binary.key)
+            .map(Loaded::Component),
+    };
+    // A component's world decides how it is set up: from its type when cached, else from its
+    // exports as written.
+    let world = match (&hit, kind) {
+        (_, Kind::Module) => None,
+        (Some(Loaded::Component(c)), _) => Some(crate::p2::world(engine, c)),
+        _ => Some(crate::p2::world_of_bytes(binary.bytes(plan, chan)?)),
+    }
+    .transpose()
+    .map_err(|e| format!("{}: {e}", guest_name(plan)))?;
+    let http = world == Some(World::Http);
+    // A server runs on an engine with the pooling allocator, whose artifacts are the zygote
+    // engine's (the same cache directory): a hit is mapped again for it.
+    let server_engine = match http {
+        true => Some(
+            crate::http::pooling_engine(run::memory_cap(plan.resources.memory_limit))
+                .map_err(|e| format!("the HTTP server's engine: {e:#}"))?,
+        ),
+        false => None,
+    };
+    let compile_engine = server_engine.as_ref().unwrap_or(engine);
+    let cache = match &server_engine {
+        Some(e) => Cache::open(&req.cache_root, e),
+        None => cache,
+    };
+    if let (Some(e), Some(_)) = (&server_engine, &hit) {
+        hit = cache.load_component(e, &binary.key).map(Loaded::Component);
+    }
+    if hit.is_none() {
+        binary.fetch(plan, chan)?;
+    }
+    let wasm = binary.fetched();
     let dirs = Dirs::open(plan)?;
     let t_dirs = t0.elapsed();
 
-    let baseline = cache.dir().is_some() && baseline_first_start();
+    // A server's first start waits for the optimizing compile: it is long-lived, and its
+    // pooling engine maps Cranelift's artifacts.
+    let baseline = cache.dir().is_some() && baseline_first_start() && !http;
     let empty = match hit {
         Some(_) => None,
         None => Some(crate::compile::empty_root()?),
     };
     let keeper = match (&empty, cache.dir()) {
         (Some(root), Some(_)) => Some(Keeper::spawn(&KeeperArgs {
-            engine,
+            engine: compile_engine,
             cache: &cache,
-            wasm: &wasm,
+            wasm,
+            key: &binary.key,
+            kind,
             baseline,
             confinement: Confinement {
                 user: host_user(plan),
@@ -243,15 +319,20 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
     if let Some(profile) = &plan.sandbox.apparmor_profile {
         write_proc_self("attr/current", &format!("changeprofile {profile}"))?;
     }
-    let wasi = run::wasi_ctx(plan, &dirs)?;
+    let context = match world {
+        None => Context::Core(run::wasi_ctx(plan, &dirs)?),
+        Some(World::Command) => Context::Command(crate::p2::wasi_ctx(plan, &dirs)?),
+        Some(World::Http) => Context::Http(crate::http::keep_dirs(plan, &dirs)?),
+    };
     let t_ns = t0.elapsed();
 
     // The compile child confines itself while this process drops its own privileges.
     let compile = match &empty {
         Some(root) => Some(
             Compile::start(
-                engine,
-                &wasm,
+                compile_engine,
+                wasm,
+                kind,
                 baseline,
                 &Confinement {
                     user: plan.user.clone(),
@@ -261,7 +342,7 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
                     skipped: &plan.sandbox.skipped,
                 },
             )
-            .map_err(|e| describe_load_error(plan, e))?,
+            .map_err(|e| describe(plan, e))?,
         ),
         None => None,
     };
@@ -281,22 +362,40 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
     .map_err(|e| e.to_string())?;
     drop(dirs);
     let t_drop = t0.elapsed();
+    // A server binds as its guest would: with the container's identity, capabilities and
+    // seccomp filter, in its network namespace (a port below 1024 needs
+    // CAP_NET_BIND_SERVICE there, as under runc).
+    let listener = match http {
+        true => Some(crate::http::bind(plan)?),
+        false => None,
+    };
 
-    let (module, outcome) = match (hit, compile) {
+    let (loaded, outcome) = match (hit, compile) {
         (Some(m), _) => (m, Outcome::Hit),
         (None, Some(c)) => {
-            let (artifact, compiler) = c.wait().map_err(|e| describe_load_error(plan, e))?;
-            let module_engine = match compiler {
-                Compiler::Optimizing => engine.clone(),
-                Compiler::Baseline => crate::engine::new_baseline_engine()
-                    .map_err(|e| format!("the baseline compiler: {e:#}"))?,
+            let (artifact, compiler) = c.wait().map_err(|e| describe(plan, e))?;
+            let baseline_engine;
+            let load_engine = match compiler {
+                Compiler::Optimizing => compile_engine,
+                Compiler::Baseline => {
+                    baseline_engine = crate::engine::new_baseline_engine()
+                        .map_err(|e| format!("the baseline compiler: {e:#}"))?;
+                    &baseline_engine
+                }
             };
-            // SAFETY: produced by `precompile_module` of this engine configuration in our
-            // compile child and received whole (length and exit status checked). The child
-            // ran with the container's confinement; a subverted compiler can only hand this
-            // container code that runs with the same confinement.
-            let module = unsafe { wasmtime::Module::deserialize(&module_engine, &artifact) }
-                .map_err(|e| describe_load_error(plan, CacheError::Load(e)))?;
+            // SAFETY: produced by `precompile_module` (or `_component`) of this engine
+            // configuration in our compile child and received whole (length and exit status
+            // checked). The child ran with the container's confinement; a subverted compiler
+            // can only hand this container code that runs with the same confinement.
+            let loaded = match kind {
+                Kind::Module => unsafe { wasmtime::Module::deserialize(load_engine, &artifact) }
+                    .map(Loaded::Module),
+                Kind::Component => {
+                    unsafe { wasmtime::component::Component::deserialize(load_engine, &artifact) }
+                        .map(Loaded::Component)
+                }
+            }
+            .map_err(|e| describe(plan, CacheError::Load(e)))?;
             let outcome = match (keeper, compiler) {
                 (Some(k), Compiler::Baseline) => {
                     k.go();
@@ -310,28 +409,40 @@ fn setup(engine: &wasmtime::Engine, req: &SpawnRequest) -> Result<run::Prepared,
                 }
                 (None, _) => Outcome::Uncached,
             };
-            (module, outcome)
+            (loaded, outcome)
         }
         (None, None) => return Err("no module and no compile".to_string()),
     };
-    drop(wasm);
+    binary.release();
     let load_us = started.elapsed().as_micros() as u64;
     debug!(
-        "worker {}: module {} loaded ({outcome:?}) in {load_us} us; dirs at {t_dirs:?}, \
+        "worker {}: {} {} loaded ({outcome:?}) in {load_us} us; dirs at {t_dirs:?}, \
          namespaces at {t_ns:?}, privileges dropped at {t_drop:?}",
         plan.id,
-        plan.module_path.display()
+        if kind == Kind::Module {
+            "module"
+        } else {
+            "component"
+        },
+        binary.key,
     );
-    run::link(
-        module,
-        plan,
-        wasi,
-        format!("{outcome:?}").to_lowercase(),
+    let guest = match (loaded, context, listener) {
+        (Loaded::Module(m), Context::Core(wasi), _) => Guest::Core(run::link(m, plan, wasi)?),
+        (Loaded::Component(c), Context::Command(ctx), _) => {
+            Guest::Command(crate::p2::link(&c, plan, ctx)?)
+        }
+        (Loaded::Component(c), Context::Http(dirs), Some(l)) => {
+            Guest::Http(Box::new(crate::http::link(&c, plan, dirs, l)?))
+        }
+        _ => return Err("the binary is not what its first bytes said".to_string()),
+    };
+    Ok(Ready {
+        guest,
+        cache: format!("{outcome:?}").to_lowercase(),
         load_us,
-    )
+    })
 }
 
-fn describe_load_error(plan: &Plan, e: CacheError) -> String {
-    let guest = plan.args.first().cloned().unwrap_or_default();
-    format!("cannot load {guest}: {e}")
+fn guest_name(plan: &Plan) -> String {
+    plan.args.first().cloned().unwrap_or_default()
 }

@@ -1,0 +1,452 @@
+//! Serving a `wasi:http/incoming-handler` component over HTTP/1.1, as `wasmtime serve` does,
+//! from the worker: in the container's network namespace and cgroup, on `0.0.0.0:8080` unless
+//! the container's environment sets `KILN_HTTP_ADDR` (`host:port`, or a port).
+//!
+//! Every request gets a fresh instance, made from an `InstancePre` on an engine with the
+//! pooling allocator and copy-on-write memory images (microseconds per instance), so requests
+//! share nothing and a request whose handler traps gets a 500 while the server goes on.
+//! SIGTERM stops accepting, lets the requests in flight finish (containerd's SIGKILL ends the
+//! grace period), and exits 0; SIGKILL ends it at once (137).
+//!
+//! Each request's WASI context is made anew: args, env, stdio (so a handler's output goes to
+//! the container's log), and the guest's directories, opened from the worker's detached mounts
+//! (the worker is chrooted by then, so it makes each one its working directory to open it,
+//! under a lock: the working directory is the process's).
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper::server::conn::http1;
+use kiln_plan::Plan;
+use log::{debug, info, warn};
+use tokio::sync::{Semaphore, watch};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::status::EXIT_SETUP_FAILED;
+
+/// The environment variable of the container that sets the listening address.
+pub const ADDR_ENV: &str = "KILN_HTTP_ADDR";
+/// Where a server listens by default.
+pub const DEFAULT_ADDR: &str = "0.0.0.0:8080";
+/// Requests handled at once (and instances the pooling allocator holds slots for); more wait.
+pub const MAX_CONCURRENT: usize = 128;
+
+/// The address to listen on, from the container's environment.
+pub(crate) fn listen_addr(plan: &Plan) -> Result<SocketAddr, String> {
+    let value = plan
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == ADDR_ENV)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_ADDR);
+    let full = if value.chars().all(|c| c.is_ascii_digit()) {
+        format!("0.0.0.0:{value}")
+    } else {
+        value.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("{ADDR_ENV}={value:?} is not host:port or a port"))
+}
+
+/// The engine HTTP servers run on: Kiln's configuration with the pooling allocator, sized for
+/// [`MAX_CONCURRENT`] instances. Its artifacts are the zygote engine's, if the two are
+/// compatible (checked by the caller against the compile cache's directory name).
+pub(crate) fn pooling_engine(memory_cap: Option<usize>) -> wasmtime::Result<Engine> {
+    let mut pool = wasmtime::PoolingAllocationConfig::default();
+    let n = MAX_CONCURRENT as u32;
+    pool.total_component_instances(n)
+        .total_core_instances(n * 2)
+        .total_memories(n * 2)
+        .total_tables(n * 2)
+        .total_stacks(n);
+    if let Some(cap) = memory_cap {
+        pool.max_memory_size(cap);
+    }
+    let mut config = crate::engine::config();
+    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// Per-request state.
+struct Host {
+    ctx: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: Default::default(),
+        }
+    }
+}
+
+/// A directory every request's context opens.
+pub(crate) struct Dir {
+    fd: OwnedFd,
+    guest: String,
+    read_only: bool,
+}
+
+/// A server ready to serve.
+pub(crate) struct Prepared {
+    id: String,
+    plan: Plan,
+    pre: ProxyPre<Host>,
+    listener: std::net::TcpListener,
+    dirs: Vec<Dir>,
+    memory_cap: Option<usize>,
+}
+
+/// The guest's directories, for a server to open for each request (copies of the worker's
+/// descriptors, which keep the detached mounts alive).
+pub(crate) fn keep_dirs(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<Vec<Dir>, String> {
+    let mut kept = Vec::new();
+    let dev = dirs.dev.iter().map(|fd| ("/dev", false, fd));
+    let preopens = plan
+        .preopens
+        .iter()
+        .zip(&dirs.preopens)
+        .map(|(p, fd)| (p.guest.as_str(), p.read_only, fd));
+    for (guest, read_only, fd) in preopens.chain(dev) {
+        kept.push(Dir {
+            fd: fd
+                .try_clone()
+                .map_err(|e| format!("keep the directory {guest}: {e}"))?,
+            guest: guest.to_string(),
+            read_only,
+        });
+    }
+    Ok(kept)
+}
+
+/// Links the component with WASI preview 2 (the whole command world: handlers built with a
+/// standard library import `wasi:cli` as well) and `wasi:http`.
+pub(crate) fn link(
+    component: &Component,
+    plan: &Plan,
+    dirs: Vec<Dir>,
+    listener: std::net::TcpListener,
+) -> Result<Prepared, String> {
+    let guest = plan.args.first().cloned().unwrap_or_default();
+    let mut linker: Linker<Host> = Linker::new(component.engine());
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+        .map_err(|e| format!("set up WASI HTTP: {e:#}"))?;
+    let pre = linker
+        .instantiate_pre(component)
+        .and_then(ProxyPre::new)
+        .map_err(|e| format!("{guest} cannot be linked with wasi:http: {e:#}"))?;
+    Ok(Prepared {
+        id: plan.id.clone(),
+        plan: plan.clone(),
+        pre,
+        listener,
+        dirs,
+        memory_cap: crate::run::memory_cap(plan.resources.memory_limit),
+    })
+}
+
+/// Binds the listening socket (in the worker's network namespace, with its identity).
+pub(crate) fn bind(plan: &Plan) -> Result<std::net::TcpListener, String> {
+    let addr = listen_addr(plan)?;
+    std::net::TcpListener::bind(addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("cannot listen on {addr}: the port is already in use (set {ADDR_ENV})")
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        }
+    })
+}
+
+struct Server {
+    id: String,
+    plan: Plan,
+    pre: ProxyPre<Host>,
+    dirs: Vec<Dir>,
+    memory_cap: Option<usize>,
+    slots: Semaphore,
+    cwd: Mutex<()>,
+}
+
+impl Server {
+    /// A fresh WASI context for one request.
+    fn context(&self) -> wasmtime::Result<WasiCtx> {
+        let mut b = crate::p2::builder(&self.plan);
+        // The worker is chrooted: each directory is opened as the working directory, which is
+        // the process's, so one request at a time.
+        let _cwd = self.cwd.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &self.dirs {
+            // SAFETY: fchdir to a directory descriptor we hold.
+            if unsafe { libc::fchdir(d.fd.as_raw_fd()) } != 0 {
+                return Err(wasmtime::Error::msg(format!(
+                    "open {}: {}",
+                    d.guest,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            let perms = if d.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(".", &d.guest, perms)?;
+        }
+        if self.plan.cwd != "/" {
+            b.initial_cwd(&self.plan.cwd);
+        }
+        Ok(b.build())
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> wasmtime::Result<hyper::Response<HyperOutgoingBody>> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| wasmtime::Error::msg("the server is shutting down"))?;
+        let started = Instant::now();
+        let mut limits = StoreLimitsBuilder::new();
+        if let Some(cap) = self.memory_cap {
+            limits = limits.memory_size(cap);
+        }
+        let mut store = Store::new(
+            self.pre.engine(),
+            Host {
+                ctx: self.context()?,
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                limits: limits.build(),
+            },
+        );
+        store.limiter(|h| &mut h.limits);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, req)?;
+        let out = store.data_mut().http().new_response_outparam(tx)?;
+        let pre = self.pre.clone();
+        let id = self.id.clone();
+        let task = tokio::task::spawn(async move {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            debug!("worker {id}: request instance in {:?}", started.elapsed());
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
+        });
+        match rx.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => Err(code.into()),
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(wasmtime::Error::msg(
+                    "the handler returned without a response",
+                )),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(wasmtime::Error::msg(e.to_string())),
+            },
+        }
+    }
+}
+
+fn error_response(status: u16, message: String) -> hyper::Response<HyperOutgoingBody> {
+    let body = http_body_util::Full::new(bytes::Bytes::from(message))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+    resp
+}
+
+/// Serves until SIGTERM (then drains) and returns the container's exit status.
+pub(crate) fn run(p: Prepared) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: container {}: start the HTTP runtime: {e}", p.id);
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    rt.block_on(serve(p))
+}
+
+async fn serve(p: Prepared) -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Prepared {
+        id,
+        plan,
+        pre,
+        listener,
+        dirs,
+        memory_cap,
+    } = p;
+    let addr = listener.local_addr().ok();
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kiln: container {id}: listen: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kiln: container {id}: watch SIGTERM: {e}");
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    let server = Arc::new(Server {
+        id: id.clone(),
+        plan,
+        pre,
+        dirs,
+        memory_cap,
+        slots: Semaphore::new(MAX_CONCURRENT),
+        cwd: Mutex::new(()),
+    });
+    info!("worker {id}: serving HTTP on {addr:?}");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!("worker {id}: accept: {e}");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let server = server.clone();
+                let mut stop = stop_rx.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move {
+                            let id = server.id.clone();
+                            Ok::<_, std::convert::Infallible>(match server.handle(req).await {
+                                Ok(resp) => resp,
+                                Err(e) => {
+                                    let _ = writeln_stderr(&format!(
+                                        "kiln: container {id}: request failed: {e:?}"
+                                    ));
+                                    error_response(500, "internal error in the handler\n".into())
+                                }
+                            })
+                        }
+                    });
+                    let conn = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // SIGTERM: no new connections; the requests in flight finish, idle keep-alive connections
+    // close, and then the server exits.
+    drop(listener);
+    info!(
+        "worker {id}: SIGTERM: draining {} connections",
+        connections.len()
+    );
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    0
+}
+
+fn writeln_stderr(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut e = std::io::stderr();
+    writeln!(e, "{line}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_with_env(env: &[(&str, &str)]) -> Plan {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("m.wasm"), b"\0asm\x0d\0\x01\0").expect("write");
+        let spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/m.wasm"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                        "env": env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()},
+            "root": {"path": "rootfs"}, "linux": {}
+        }))
+        .expect("spec");
+        kiln_plan::plan("h", &spec, root.path(), &kiln_plan::Host::default()).expect("plan")
+    }
+
+    #[test]
+    fn the_listen_address_defaults_and_comes_from_the_environment() {
+        assert_eq!(
+            listen_addr(&plan_with_env(&[])),
+            Ok("0.0.0.0:8080".parse().unwrap())
+        );
+        assert_eq!(
+            listen_addr(&plan_with_env(&[(ADDR_ENV, "9090")])),
+            Ok("0.0.0.0:9090".parse().unwrap())
+        );
+        assert_eq!(
+            listen_addr(&plan_with_env(&[(ADDR_ENV, "127.0.0.1:7000")])),
+            Ok("127.0.0.1:7000".parse().unwrap())
+        );
+        assert!(listen_addr(&plan_with_env(&[(ADDR_ENV, "nowhere")])).is_err());
+    }
+
+    #[test]
+    fn the_pooling_engine_loads_the_zygote_engines_artifacts() {
+        let pooled = pooling_engine(Some(64 << 20)).expect("pooling engine");
+        let plain = crate::engine::new_engine().expect("engine");
+        assert_eq!(
+            kiln_cache::engine_dir_name(&pooled),
+            kiln_cache::engine_dir_name(&plain),
+            "a cache entry compiled by the zygote's engine must be loadable by the server's"
+        );
+    }
+}
