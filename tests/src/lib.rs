@@ -24,6 +24,7 @@
 //! `scripts/bench-probe.sh`), in the library so that its parts are unit-tested with the rest.
 
 pub mod cri;
+pub mod net;
 pub mod probe;
 pub mod process;
 pub mod registry;
@@ -355,6 +356,20 @@ impl Kiln {
     /// containerd's log (it holds the shim's log lines too).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("containerd.log")
+    }
+
+    /// The lines of containerd's log (which holds the shim's) that mention `id`.
+    pub fn containerd_log_lines(&self, id: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The version of the containerd under test, as (major, minor).
+    pub fn containerd_version(&self) -> (u32, u32) {
+        containerd_version()
     }
 
     /// Where a detached container's output goes.
@@ -899,4 +914,25 @@ pub(crate) fn containerd_log_report(log: &Path, ids: &[String]) -> String {
     }
     out += "---- end of containerd log ----";
     out
+}
+
+/// The version of the containerd under test (`containerd --version`), as (major, minor).
+pub fn containerd_version() -> (u32, u32) {
+    static V: OnceLock<(u32, u32)> = OnceLock::new();
+    *V.get_or_init(|| {
+        let out = Command::new(tool("containerd"))
+            .arg("--version")
+            .output()
+            .expect("containerd --version");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "containerd github.com/containerd/containerd[/v2] 1.7.24~ds1 ..."
+        let v = text.split_whitespace().nth(2).unwrap_or_default();
+        let mut parts = v.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next().and_then(|p| p.parse().ok());
+        let minor = parts.next().and_then(|p| p.parse().ok());
+        match (major, minor) {
+            (Some(a), Some(b)) => (a, b),
+            _ => panic!("cannot read a version from `containerd --version`: {text:?}"),
+        }
+    })
 }
