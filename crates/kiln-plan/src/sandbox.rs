@@ -366,6 +366,15 @@ pub(crate) fn namespaces(
             action,
         };
         match ns.path() {
+            // Joining the network namespace this process is in (a host-network pod's) is
+            // what a component's sockets are for: nothing to do, and nothing to guard.
+            Some(path)
+                if ns.typ() == LinuxNamespaceType::Network
+                    && kind == ModuleKind::Component
+                    && is_own_namespace(name, path) =>
+            {
+                debug!("network namespace {} is the node's own", path.display());
+            }
             // Joining the pid or network namespace this process is in (a pod sandbox's, when
             // Kiln did not create one for it) changes nothing; it counts as not created, so
             // the worker gets the guard that stands in for it.

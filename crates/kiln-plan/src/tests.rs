@@ -678,6 +678,23 @@ fn joining_the_nodes_own_pid_or_network_namespace_counts_as_not_created() {
 }
 
 #[test]
+fn a_component_joining_the_nodes_own_network_keeps_its_sockets() {
+    // A host-network pod: the component is on the node's network, as asked; the guard that
+    // denies socket() must not stand in for a namespace nobody wanted.
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::write(root.path().join("c.wasm"), COMPONENT).expect("write");
+    let s = spec(serde_json::json!({
+        "process": {"args": ["/c.wasm"]},
+        "linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/self/ns/pid"},
+            {"type": "network", "path": "/proc/self/ns/net"}]}}));
+    let p = plan("c1", &s, root.path(), &HOST).expect("plan");
+    assert_eq!(p.module_kind, ModuleKind::Component);
+    assert!(p.namespaces.is_empty(), "{:?}", p.namespaces);
+    assert_eq!(p.sandbox.skipped, ["pid"]);
+}
+
+#[test]
 fn a_pod_sandbox_has_no_module_and_keeps_its_namespaces() {
     let root = tempfile::tempdir().expect("tempdir");
     // The sandbox's image is a pause binary, not Wasm: it is not looked at.
