@@ -862,6 +862,14 @@ fn kiln_conf_sets_what_kiln_reads_from_containerds_environment() {
         read_by_kiln.contains("KILN_SHIM_GROUPING"),
         "{read_by_kiln:?}"
     );
+    // Read from elsewhere than containerd's environment: a container's own environment
+    // (the HTTP server's address) and a unit test's.
+    for not_containerds in ["KILN_HTTP_ADDR", "KILN_CLONE_TEST_DIR"] {
+        assert!(
+            read_by_kiln.remove(not_containerds),
+            "{not_containerds} is gone"
+        );
+    }
 
     let conf = read("deploy/containerd/kiln.conf");
     let mut section = None;

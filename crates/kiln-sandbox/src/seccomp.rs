@@ -11,7 +11,8 @@
 //! children of a cache miss (fork, threads, pipes). Everything else fails with ENOSYS, which
 //! libraries take as "not available here" and fall back from (`openat2`, `clone3`,
 //! `process_madvise`); it never kills the worker. `KILN_SECCOMP=off` in containerd's
-//! environment turns the allowlist off (a spec's own profile is always applied).
+//! environment turns the allowlist off, `KILN_SECCOMP=log` logs what it would refuse instead
+//! of refusing it (a spec's own profile is always applied).
 
 use std::io;
 use std::io::{Read, Seek};
@@ -336,8 +337,19 @@ pub fn guard(pid: u32, signals: bool, sockets: bool) -> Filter {
 
 /// Compiles Kiln's allowlist.
 pub fn default_filter() -> Result<Filter> {
+    allowlist(ScmpAction::Errno(libc::ENOSYS))
+}
+
+/// Kiln's allowlist in audit mode: what it would refuse is allowed and logged by the kernel
+/// (an audit record of type 1326, `SECCOMP`, in the kernel log), for finding what a workload
+/// needs before it is refused.
+pub fn audit_filter() -> Result<Filter> {
+    allowlist(ScmpAction::Log)
+}
+
+fn allowlist(otherwise: ScmpAction) -> Result<Filter> {
     let err = |e: libseccomp::error::SeccompError| Error::Seccomp(e.to_string());
-    let mut ctx = ScmpFilterContext::new(ScmpAction::Errno(libc::ENOSYS)).map_err(err)?;
+    let mut ctx = ScmpFilterContext::new(otherwise).map_err(err)?;
     for name in DEFAULT_ALLOWED {
         match ScmpSyscall::from_name(name) {
             Ok(s) => {
@@ -525,6 +537,17 @@ mod tests {
         assert_eq!(errno_in_child(&filter, getpid), 0);
         assert_eq!(errno_in_child(&filter, mkdirat), libc::EEXIST);
         assert_eq!(errno_in_child(&filter, acct), libc::ENOSYS);
+    }
+
+    #[test]
+    fn the_audit_allowlist_lets_through_what_the_allowlist_refuses() {
+        let filter = audit_filter().expect("compile");
+        assert_eq!(errno_in_child(&filter, getpid), 0);
+        assert_ne!(
+            errno_in_child(&filter, acct),
+            libc::ENOSYS,
+            "logged, not refused"
+        );
     }
 
     #[test]

@@ -4,10 +4,11 @@
 use std::sync::OnceLock;
 
 use kiln_plan::Seccomp;
-use kiln_sandbox::seccomp::{Filter, compile, default_filter};
+use kiln_sandbox::seccomp::{Filter, audit_filter, compile, default_filter};
 
 /// `KILN_SECCOMP=off` in containerd's environment turns Kiln's own allowlist off (for
-/// containers whose spec has no profile); a spec's profile is always applied.
+/// containers whose spec has no profile), `KILN_SECCOMP=log` logs what it would refuse
+/// instead; a spec's profile is always applied.
 const ENV: &str = "KILN_SECCOMP";
 
 /// The filter for `policy`, or `None` when the allowlist is turned off.
@@ -17,13 +18,20 @@ pub fn filter(policy: &Seccomp) -> Result<Option<Filter>, String> {
             .map(Some)
             .map_err(|e| format!("linux.seccomp: {e}")),
         Seccomp::Default => {
-            if std::env::var(ENV).is_ok_and(|v| v == "off") {
+            let mode = std::env::var(ENV).unwrap_or_default();
+            if mode == "off" {
                 return Ok(None);
             }
             // Compiled once per shim: every container without a profile gets the same one.
             static DEFAULT: OnceLock<Result<Filter, String>> = OnceLock::new();
             DEFAULT
-                .get_or_init(|| default_filter().map_err(|e| e.to_string()))
+                .get_or_init(|| {
+                    match mode.as_str() {
+                        "log" => audit_filter(),
+                        _ => default_filter(),
+                    }
+                    .map_err(|e| e.to_string())
+                })
                 .clone()
                 .map(Some)
         }
