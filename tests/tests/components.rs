@@ -205,12 +205,19 @@ fn a_components_sockets_follow_the_containers_network_namespace() {
 
     // Listening works in its own namespace too (nothing outside can reach it).
     let c = k.container("p2-listen");
-    let out = c
-        .run(NET)
-        .args(["/net-p2.wasm", "listen", "0"])
-        .timeout(Duration::from_secs(5))
-        .output();
-    assert!(out.stdout.contains("listening 0.0.0.0:"), "{out}");
+    let out = c.run(NET).args(["/net-p2.wasm", "listen", "0"]).detach();
+    assert_ok(&out);
+    let log = k.container_log(&c.id);
+    let listening = wait_until(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("listening 0.0.0.0:").then_some(())
+    });
+    assert!(
+        listening.is_some(),
+        "no listener:\n{}",
+        k.log_report(std::slice::from_ref(&c.id))
+    );
+    assert!(c.kill(Some("SIGKILL")).success());
 }
 
 /// An HTTP server on the host's network, on its own port.
@@ -274,6 +281,52 @@ fn an_http_component_answers_and_survives_a_trapping_request() {
     let text = lines.unwrap_or_else(|| panic!("no request lines in {}", log.display()));
     assert!(text.contains("http-p2: GET /trap -> trap"), "{text}");
     assert_eq!(s.c.task().map(|t| t.status).as_deref(), Some("RUNNING"));
+}
+
+/// A one-shot upstream on the host's loopback: answers one request with `body`.
+fn upstream(body: &'static str) -> (SocketAddr, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, Write};
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = l.local_addr().expect("addr");
+    let t = std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else {
+            return String::new();
+        };
+        let mut r = std::io::BufReader::new(&s);
+        let mut first = String::new();
+        let _ = r.read_line(&mut first);
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+            line.clear();
+        }
+        let mut w = &s;
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        first
+    });
+    (addr, t)
+}
+
+#[test]
+fn an_http_handlers_outgoing_requests_reach_the_network_it_is_on() {
+    let k = images(kiln());
+    let s = serve(k, "http-fetch");
+    let (up, seen) = upstream("twelve bytes");
+    let url = format!("http%3A%2F%2F{up}%2Fupstream%2Fpath");
+    let r = net::get(s.addr, &format!("/fetch?url={url}"), &[]).expect("GET /fetch");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "status=200 bytes=12\n"),
+        "{r:?}"
+    );
+    let first = seen.join().expect("upstream");
+    assert!(
+        first.starts_with("GET /upstream/path HTTP/1.1"),
+        "{first:?}"
+    );
 }
 
 #[test]
