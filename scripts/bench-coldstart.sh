@@ -7,7 +7,8 @@
 #   --runtime     a runtime to measure (repeatable; when given, replaces the default set):
 #                   NAME   a containerd runtime (io.containerd.kiln.v1), or `kiln` / `runc`
 #                          for io.containerd.kiln.v1 / io.containerd.runc.v2; NAME labels the
-#                          results
+#                          results; LABEL@NAME measures NAME under the label LABEL (to measure
+#                          one runtime with several images)
 #                   IMAGE  a test image's short name (hello -> docker.io/kiln-test/hello:latest,
 #                          imported from target/test-images/hello.tar) or a full reference
 #                          host/path:tag (a tag is required there; images that are not test
@@ -30,6 +31,10 @@
 # to it as PNG (coldstart.png); the chart needs gnuplot, which is installed with apt-get
 # (gnuplot-nox) when missing; without it the script warns and writes no chart.
 # The private containerd is stopped and its directory removed on exit.
+#
+# KILN_BENCH_CONTAINERD_BIN, when set, is a directory holding another containerd and its ctr
+# (scripts/fetch-containerd.sh trixie|sid unpacks 1.7 or 2.x): those are used instead of the
+# ones on PATH (scripts/bench-forms.sh needs 1.7 for images with Wasm layers).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,12 +68,15 @@ done
 # --- runtime specs -----------------------------------------------------------------------------
 labels=() runtimes=() refs=() argss=()
 for spec in "${specs[@]}"; do
-    [[ $spec == ?*=?* ]] || die "--runtime wants NAME=IMAGE[:ARGS], not '$spec'"
+    [[ $spec == ?*=?* ]] || die "--runtime wants [LABEL@]NAME=IMAGE[:ARGS], not '$spec'"
     name=${spec%%=*} rest=${spec#*=}
-    case "$name" in
+    # LABEL@RUNTIME: the same runtime more than once, under labels of its own.
+    rt_name=${name#*@}
+    name=${name%%@*}
+    case "$rt_name" in
         kiln) runtime=io.containerd.kiln.v1 ;;
         runc) runtime=io.containerd.runc.v2 ;;
-        *) runtime=$name ;;
+        *) runtime=$rt_name ;;
     esac
     if [[ $rest =~ ^([^\ :/]+(:[0-9]+)?/[^\ :]+:[^\ :/]+)(:(.*))?$ ]]; then
         ref=${BASH_REMATCH[1]} args=${BASH_REMATCH[4]}
@@ -107,7 +115,14 @@ stop_private_containerd_on_exit "$repo_root" "$workdir"
 export PATH="$repo_root/target/release:$PATH"
 export KILN_CACHE_DIR="$workdir/cache"
 log "starting a private containerd in $workdir"
-sock=$(scripts/containerd-private.sh start "$workdir")
+ctr_bin=ctr
+bin_dir_args=()
+if [ -n "${KILN_BENCH_CONTAINERD_BIN:-}" ]; then
+    ctr_bin="$KILN_BENCH_CONTAINERD_BIN/ctr"
+    bin_dir_args=(--bin-dir "$KILN_BENCH_CONTAINERD_BIN")
+fi
+ctr() { "$ctr_bin" "$@"; }
+sock=$(scripts/containerd-private.sh start "$workdir" ${bin_dir_args[@]+"${bin_dir_args[@]}"})
 
 imported=" "
 for ref in "${refs[@]}"; do
@@ -175,7 +190,7 @@ dirty=false
 [ -z "$commit" ] || git diff --quiet HEAD 2>/dev/null || dirty=true
 
 OUT_FILE="$out" ROUNDS="$rounds" COMMIT="$commit" DIRTY="$dirty" \
-    CONTAINERD_VERSION="$(containerd --version 2>/dev/null || true)" \
+    CONTAINERD_VERSION="$("${KILN_BENCH_CONTAINERD_BIN:+$KILN_BENCH_CONTAINERD_BIN/}containerd" --version 2>/dev/null || true)" \
     RUNC_VERSION="$(runc --version 2>/dev/null | head -n 1 || true)" \
     python3 - "$meta" "$samples" <<'PY'
 import datetime, json, os, platform, statistics, sys
