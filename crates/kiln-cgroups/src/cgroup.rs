@@ -453,6 +453,30 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Kills every process in the cgroup, waits (up to `within`) until none is left, and
+    /// removes it, retrying until `within` has passed. What a cleanup after a lost or deleted
+    /// container wants: a process SIGKILLed on a loaded node may take longer to exit than
+    /// [`Cgroup::remove`]'s own EBUSY retries last, and a cgroup left behind holds its limits.
+    pub fn kill_and_remove(&self, within: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            self.kill_all()?;
+            match self.pids() {
+                Ok(pids) if pids.is_empty() => break,
+                Err(Error::NotFound { .. }) => break,
+                Ok(_) | Err(_) if std::time::Instant::now() >= deadline => break,
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        loop {
+            match self.remove() {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Removes the cgroup's directories (the leaf only: shared parents such
     /// as `/default` or a pod slice are left for their owners, and removing
     /// them would race with siblings being created). EBUSY is retried 10

@@ -33,6 +33,9 @@ fn setup_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// How long a cleanup waits for a cgroup's processes to exit before it gives up removing it.
+pub const CLEANUP_WITHIN: Duration = Duration::from_secs(5);
+
 /// What a Create made so far, taken back when the guard is dropped unarmed.
 #[derive(Default)]
 pub struct Undo {
@@ -54,8 +57,7 @@ impl Made {
             let _ = pidfd_send_signal(pidfd, libc::SIGKILL);
         }
         if let Some(cg) = &self.cgroup {
-            let _ = cg.kill_all();
-            if let Err(e) = cg.remove() {
+            if let Err(e) = cg.kill_and_remove(CLEANUP_WITHIN) {
                 warn!("remove cgroup after a failed create: {e}");
             }
         }

@@ -203,10 +203,7 @@ pub fn cleanup_bundle(bundle: &Path, namespace: &str, id: &str) {
                 &crate::service::default_cgroup(namespace, id),
             )
         {
-            if let Err(e) = cg.kill_all() {
-                log::warn!("cleanup {id}: kill cgroup: {e}");
-            }
-            if let Err(e) = cg.remove() {
+            if let Err(e) = cg.kill_and_remove(crate::create::CLEANUP_WITHIN) {
                 log::warn!("cleanup {id}: remove cgroup: {e}");
             }
         }

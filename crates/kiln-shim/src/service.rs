@@ -292,8 +292,7 @@ impl TaskApi for Service {
             // grace period on v1), and nothing in Delete's reply depends on it.
             let id = t.id.clone();
             self.table.clean_up_in_background(&t.id, move || {
-                let _ = cg.kill_all();
-                if let Err(e) = cg.remove() {
+                if let Err(e) = cg.kill_and_remove(crate::create::CLEANUP_WITHIN) {
                     warn!(id = id.as_str(); "delete {id}: remove cgroup: {e}");
                 }
             });

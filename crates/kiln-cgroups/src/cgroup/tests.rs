@@ -527,6 +527,34 @@ fn remove_failure_names_dir_and_tries_all() {
 }
 
 #[test]
+fn kill_and_remove_waits_for_the_processes_to_go() {
+    let (tmp, layout) = v1(false);
+    let cg = Cgroup::create(&layout, "/slow", "", &Resources::default()).unwrap();
+    let mut child = sleeper();
+    let procs = tmp.path().join("memory/slow/cgroup.procs");
+    fs::write(&procs, format!("{}\n", child.id())).unwrap();
+    // The (fake) kernel lists the process for a while after it was killed, and the directory
+    // cannot be removed until it is gone: removing at once would fail.
+    let kernel = {
+        let dir = tmp.path().join("memory/slow");
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            fs::remove_file(dir.join("cgroup.procs")).unwrap();
+        })
+    };
+    cg.kill_and_remove(std::time::Duration::from_secs(5))
+        .unwrap();
+    kernel.join().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    for d in cg.dirs() {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    // A cgroup that is gone already is fine.
+    cg.kill_and_remove(std::time::Duration::from_secs(1))
+        .unwrap();
+}
+
+#[test]
 fn kill_all_signals_listed_pids() {
     let (tmp, layout) = v1(false);
     let cg = Cgroup::create(&layout, "/c", "", &Resources::default()).unwrap();
