@@ -40,7 +40,8 @@ fn servers(k: &Kiln) -> Vec<u32> {
         let ours = args
             .windows(2)
             .any(|w| w[0] == b"-address" && w[1] == k.sock.as_bytes());
-        let server = args.iter().any(|a| *a == b"-socket");
+        // The server is forked from `start` and drops that word from its command line.
+        let server = !args.iter().any(|a| *a == b"start" || *a == b"delete");
         let parent_is_shim = parent_of(pid)
             .and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
             .is_some_and(|c| {

@@ -1,13 +1,11 @@
 //! The short-lived actions containerd runs the shim binary for: `start` and `delete`.
 //!
 //! Both run without an async runtime: `start` is on the path of every container start, and a
-//! fork+exec, a pipe and a file write need no executor.
+//! fork, a pipe and a file write need no executor.
 
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use containerd_shim::Flags;
@@ -48,44 +46,22 @@ pub fn start(flags: &Flags) -> Result<()> {
         return reply(&address);
     }
 
-    let exe = std::env::current_exe().context("locate the shim binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "-namespace",
-        &flags.namespace,
-        "-id",
-        &flags.id,
-        "-address",
-        &flags.address,
-        "-socket",
-        &address,
-    ]);
-    if flags.debug {
-        cmd.arg("-debug");
-    }
-    if !flags.publish_binary.is_empty() {
-        cmd.args(["-publish-binary", &flags.publish_binary]);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        // Its own process group: signals for containerd's group must not reach it.
-        .process_group(0);
-    let mut child = cmd.spawn().context("spawn the shim server")?;
+    let server = spawn_server(flags, &address)?;
     // The server closes this pipe once it listens (or dies): reading to the end is the
     // readiness handshake.
     let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut out);
-    }
-    if let Ok(Some(status)) = child.try_wait() {
+    let mut ready = std::fs::File::from(server.ready);
+    let _ = ready.read_to_string(&mut out);
+    if let Ok(nix::sys::wait::WaitStatus::Exited(_, code)) =
+        nix::sys::wait::waitpid(server.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    {
         bail!(
-            "the shim server exited during start ({status}): {}",
+            "the shim server exited during start (status {code}): {}",
             out.trim()
         );
     }
     if std::os::unix::net::UnixStream::connect(path).is_err() {
-        let _ = child.kill();
+        let _ = nix::sys::signal::kill(server.pid, nix::sys::signal::Signal::SIGKILL);
         bail!(
             "the shim server did not start listening on {address}: {}",
             out.trim()
@@ -97,6 +73,76 @@ pub fn start(flags: &Flags) -> Result<()> {
     std::fs::write("address", &address).context("write the address file")?;
     reap(primer);
     reply(&address)
+}
+
+/// The server process `start` launched.
+struct Server {
+    pid: nix::unistd::Pid,
+    /// Reaches end of file once the server listens (or has died).
+    ready: std::os::fd::OwnedFd,
+}
+
+/// Forks the long-lived server from `start` itself, rather than exec'ing the binary again:
+/// `start` is single-threaded (no runtime has been built), so the child is a sound copy, and a
+/// container start saves an exec and the dynamic loader's relocation of a large binary. The
+/// child leaves containerd's process group and stdio: stdin and stderr are `/dev/null`,
+/// stdout is the readiness pipe, which the server closes once it listens.
+fn spawn_server(flags: &Flags, address: &str) -> Result<Server> {
+    use std::os::fd::AsRawFd;
+    let (read_end, write_end) = nix::unistd::pipe().context("readiness pipe")?;
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("open /dev/null")?;
+    let server_flags = Flags {
+        debug: flags.debug,
+        namespace: flags.namespace.clone(),
+        id: flags.id.clone(),
+        socket: address.to_string(),
+        address: flags.address.clone(),
+        publish_binary: flags.publish_binary.clone(),
+        ..Flags::default()
+    };
+    // SAFETY: `start` has one thread (it builds no runtime and spawns no thread), so the child
+    // is a complete copy of it; the child never returns into `start`'s code.
+    match unsafe { nix::unistd::fork() }.context("fork the shim server")? {
+        nix::unistd::ForkResult::Child => {
+            // SAFETY: setpgid, dup2 and close_range on descriptors this process owns.
+            unsafe {
+                // Its own process group: signals for containerd's group must not reach it.
+                libc::setpgid(0, 0);
+                libc::dup2(devnull.as_raw_fd(), 0);
+                libc::dup2(write_end.as_raw_fd(), 1);
+                libc::dup2(devnull.as_raw_fd(), 2);
+                // Nothing else of `start`'s crosses, as an exec would have closed it: above all
+                // the group lock, which the server would otherwise hold for its whole life
+                // (the next `start` for the group would wait for it for ever).
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            }
+            // Closed just now, with everything else above 2.
+            std::mem::forget(read_end);
+            std::mem::forget(write_end);
+            std::mem::forget(devnull);
+            // Its command line says `start`, which it no longer is.
+            let args: Vec<String> = std::env::args().filter(|a| a != "start").collect();
+            kiln_worker::process::set_cmdline(&args.join("\0"));
+            let code = match crate::server::serve(&server_flags) {
+                Ok(()) => 0,
+                Err(e) => {
+                    // Where `start`'s caller sees it: the readiness pipe is still stdout.
+                    println!("{e:#}");
+                    1
+                }
+            };
+            // SAFETY: leaving the forked server without returning into `start`.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => Ok(Server {
+            pid: child,
+            ready: read_end,
+        }),
+    }
 }
 
 /// The environment variable that turns the cgroup migration primer off (`0`), for A/B

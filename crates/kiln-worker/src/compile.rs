@@ -475,35 +475,7 @@ fn retitle(title: &str) {
     if let Ok(name) = std::ffi::CString::new(&title.as_bytes()[..title.len().min(15)]) {
         set_name(&name);
     }
-    // /proc/self/stat fields 48 and 49 (after the parenthesised comm) are the bounds of the
-    // argv area that /proc/self/cmdline shows.
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return;
-    };
-    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-        return;
-    };
-    let fields: Vec<&str> = rest.split(' ').collect();
-    // `rest` starts at field 3 (state): field N is rest[N - 3].
-    let (Some(start), Some(end)) = (
-        fields.get(45).and_then(|f| f.parse::<usize>().ok()),
-        fields.get(46).and_then(|f| f.parse::<usize>().ok()),
-    ) else {
-        return;
-    };
-    if end <= start {
-        return;
-    }
-    let len = end - start;
-    let bytes = title.as_bytes();
-    let n = bytes.len().min(len - 1);
-    // SAFETY: [start, end) is this process's own argv area, mapped and writable (it is on the
-    // initial stack); nothing in this single-threaded child reads argv afterwards.
-    unsafe {
-        let area = std::slice::from_raw_parts_mut(start as *mut u8, len);
-        area[..n].copy_from_slice(&bytes[..n]);
-        area[n..].fill(0);
-    }
+    crate::process::set_cmdline(title);
 }
 
 /// An empty, read-only directory for a compile child's root.
