@@ -294,11 +294,11 @@ fn prepare_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn checksum(data: &[u8]) -> String {
-    format!(
-        "xxh3-128:{:032x}:{}\n",
-        xxhash_rust::xxh3::xxh3_128(data),
-        data.len()
-    )
+    format_checksum(xxhash_rust::xxh3::xxh3_128(data), data.len())
+}
+
+fn format_checksum(hash: u128, len: usize) -> String {
+    format!("xxh3-128:{hash:032x}:{len}\n")
 }
 
 /// `Ok(true)`: artifact present and intact; `Ok(false)`: absent; `Err`: present but bad.
@@ -315,9 +315,22 @@ fn verify(artifact: &Path, sum: &Path) -> Result<bool, String> {
         }
         Err(e) => return Err(format!("read checksum: {e}")),
     };
-    let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(|e| format!("read: {e}"))?;
-    if checksum(&data) != expected {
+    // Streamed through a small buffer: an artifact is megabytes, and a buffer that size would
+    // cost a page fault per page on every start.
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0usize;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        };
+        h.update(&buf[..n]);
+        len += n;
+    }
+    if format_checksum(h.digest128(), len) != expected {
         return Err("checksum mismatch".to_string());
     }
     Ok(true)
