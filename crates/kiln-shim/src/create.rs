@@ -100,6 +100,7 @@ struct Prepared {
     seccomp: Option<kiln_sandbox::seccomp::Filter>,
     cgroup: Cgroup,
     rootfs: Option<PathBuf>,
+    fs_dev: Option<u64>,
     undo: Undo,
 }
 
@@ -108,6 +109,8 @@ struct Mounted {
     spec: oci_spec::runtime::Spec,
     rootfs: PathBuf,
     mounted: Option<PathBuf>,
+    /// The filesystem the rootfs's files are on, for the worker's module index.
+    fs_dev: Option<u64>,
     undo: Undo,
 }
 
@@ -153,12 +156,46 @@ fn mount(req: &CreateTaskRequest) -> Result<Mounted, String> {
             mounted = Some(rootfs.clone());
         }
     }
+    let fs_dev = files_device(&req.rootfs, &rootfs);
     Ok(Mounted {
         spec,
         rootfs,
         mounted,
+        fs_dev,
         undo,
     })
+}
+
+/// The device whose inode numbers the files of the mounted `rootfs` report, if there is one
+/// (the worker's module index identifies a file by device and inode: kiln_cache::Index). A
+/// plain directory or bind mount reports its filesystem's own. An overlay reports a device of
+/// its own, new with every mount; when all its layers are on one filesystem it reports their
+/// files' real inode numbers, so that filesystem's device is the one. Anything else: none.
+fn files_device(mounts: &[containerd_shim::protos::api::Mount], rootfs: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let on_overlay = nix::sys::statfs::statfs(rootfs)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC)
+        .ok()?;
+    if !on_overlay {
+        return std::fs::metadata(rootfs).ok().map(|m| m.dev());
+    }
+    let [m] = mounts else { return None };
+    if m.type_ != "overlay" {
+        return None;
+    }
+    let mut layers = Vec::new();
+    for o in &m.options {
+        if let Some(l) = o.strip_prefix("lowerdir=") {
+            layers.extend(l.split(':'));
+        } else if let Some(u) = o.strip_prefix("upperdir=") {
+            layers.push(u);
+        }
+    }
+    let mut devs = layers
+        .iter()
+        .map(|l| std::fs::metadata(l).ok().map(|m| m.dev()));
+    let first = devs.next()??;
+    devs.all(|d| d == Some(first)).then_some(first)
 }
 
 fn prepare(
@@ -199,7 +236,10 @@ fn finish(
     plan: kiln_plan::Plan,
 ) -> Result<Prepared, String> {
     let Mounted {
-        mounted, mut undo, ..
+        mounted,
+        fs_dev,
+        mut undo,
+        ..
     } = m;
     let seccomp = crate::seccomp::filter(&plan.sandbox.seccomp)?;
     let cgroup = Cgroup::create(
@@ -215,6 +255,7 @@ fn finish(
         seccomp,
         cgroup,
         rootfs: mounted,
+        fs_dev,
         undo,
     })
 }
@@ -328,6 +369,7 @@ pub async fn create(
         seccomp,
         cgroup,
         rootfs,
+        fs_dev,
         mut undo,
     } = prepare_all(svc, req).await?;
     let t_plan = t0.elapsed();
@@ -356,6 +398,7 @@ pub async fn create(
         cache_root: svc.cache_root.clone(),
         log_path: Some(Path::new(&req.bundle).join("log")),
         seccomp,
+        fs_dev,
     };
     let spawned = svc.zygote.spawn(&spawn).await?;
     undo.made.worker = Some(

@@ -1,6 +1,8 @@
 //! The guest's Wasm binary: where its bytes come from, and its compile-cache key.
 //!
-//! A module in the rootfs is read and hashed (its sha256 is its key). A module that is a layer
+//! A module in the rootfs is read and hashed (its sha256 is its key), unless the module index
+//! already knows the file (`kiln_cache::Index`: the same file of an image's snapshot, by an
+//! identity that any change to it alters); then it is read only if it must be compiled. A module that is a layer
 //! of the container's image is named by the layer's digest, which *is* that sha256: on a cache
 //! hit its bytes are never needed, so the worker does not ask for them. On a miss it asks the
 //! shim, which copies the layer out of containerd's content store into a memfd and passes the
@@ -13,7 +15,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use kiln_cache::{CacheError, Key};
+use kiln_cache::{CacheError, FileId, Index, Key};
 use kiln_plan::{ModuleSource, Plan};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
@@ -24,15 +26,27 @@ pub(crate) struct Binary {
     /// Its compile-cache key.
     pub key: Key,
     bytes: Option<Vec<u8>>,
-    digest: Option<String>,
+    /// Where the bytes come from when they are needed.
+    from: From,
+}
+
+enum From {
+    /// Already read.
+    Read,
+    /// A rootfs file whose key the module index knew.
+    File(std::path::PathBuf),
+    /// An image layer, from the shim.
+    Layer(String),
 }
 
 impl Binary {
-    /// The binary `plan` runs. Reads a rootfs file at once; a layer only on [`Binary::fetch`].
-    pub(crate) fn of(plan: &Plan) -> Result<Binary, String> {
+    /// The binary `plan` runs. A rootfs file is read and hashed at once unless `index` knows
+    /// it (`fs_dev`: the filesystem its rootfs files are on, from the shim; see
+    /// [`kiln_cache::Index`]); a layer is fetched only on [`Binary::fetch`].
+    pub(crate) fn of(plan: &Plan, index: &Index, fs_dev: Option<u64>) -> Result<Binary, String> {
         match &plan.module {
             ModuleSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(|source| {
+                let read_error = |source| {
                     describe(
                         plan,
                         CacheError::Read {
@@ -40,11 +54,35 @@ impl Binary {
                             source,
                         },
                     )
-                })?;
+                };
+                let mut file = std::fs::File::open(path).map_err(read_error)?;
+                let id = file_id(plan, &file, fs_dev);
+                if let Some(key) = id.as_ref().and_then(|id| index.lookup(id)) {
+                    log::debug!(
+                        "worker {}: module {key} known from the module index, not read",
+                        plan.id
+                    );
+                    return Ok(Binary {
+                        key,
+                        bytes: None,
+                        from: From::File(path.clone()),
+                    });
+                }
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes).map_err(read_error)?;
+                let key = Key::of(&bytes);
+                if let Some(id) = id
+                    && index.record(&id, &key, std::time::SystemTime::now())
+                {
+                    log::debug!(
+                        "worker {}: module {key} recorded in the module index",
+                        plan.id
+                    );
+                }
                 Ok(Binary {
-                    key: Key::of(&bytes),
+                    key,
                     bytes: Some(bytes),
-                    digest: None,
+                    from: From::Read,
                 })
             }
             ModuleSource::Layer { digest, .. } => Ok(Binary {
@@ -52,7 +90,7 @@ impl Binary {
                     format!("layer digest {digest:?} is not sha256:<64 lowercase hex digits>")
                 })?,
                 bytes: None,
-                digest: Some(digest.clone()),
+                from: From::Layer(digest.clone()),
             }),
             ModuleSource::None => Err("the plan names no module".to_string()),
         }
@@ -71,14 +109,32 @@ impl Binary {
 
     /// Makes sure the bytes are here.
     pub(crate) fn fetch(&mut self, plan: &Plan, chan: &mut UnixStream) -> Result<(), String> {
-        if self.bytes.is_none() {
-            let digest = self.digest.clone().unwrap_or_default();
-            let bytes = fetch(chan, &digest).map_err(|e| format!("layer {digest}: {e}"))?;
-            if !self.key.matches(&bytes) {
-                return Err(describe(plan, CacheError::Digest(digest)));
-            }
-            self.bytes = Some(bytes);
+        if self.bytes.is_some() {
+            return Ok(());
         }
+        let (bytes, what) = match &self.from {
+            From::Read => return Ok(()),
+            From::Layer(digest) => (
+                fetch(chan, digest).map_err(|e| format!("layer {digest}: {e}"))?,
+                digest.clone(),
+            ),
+            From::File(path) => (
+                std::fs::read(path).map_err(|source| {
+                    describe(
+                        plan,
+                        CacheError::Read {
+                            path: path.clone(),
+                            source,
+                        },
+                    )
+                })?,
+                format!("sha256:{} (the module index's entry for it)", self.key),
+            ),
+        };
+        if !self.key.matches(&bytes) {
+            return Err(describe(plan, CacheError::Digest(what)));
+        }
+        self.bytes = Some(bytes);
         Ok(())
     }
 
@@ -86,6 +142,17 @@ impl Binary {
     pub(crate) fn release(&mut self) {
         self.bytes = None;
     }
+}
+
+/// The identity the module index knows `file` by, if it can have one: a file on the rootfs
+/// mount (not in a volume below it, whose device the shim did not check), when the shim named
+/// the filesystem the rootfs's files are on.
+fn file_id(plan: &Plan, file: &std::fs::File, fs_dev: Option<u64>) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let fs_dev = fs_dev?;
+    let meta = file.metadata().ok()?;
+    let root = std::fs::metadata(&plan.preopens.first()?.host).ok()?;
+    (meta.is_file() && meta.dev() == root.dev()).then(|| FileId::new(&meta, fs_dev))
 }
 
 /// Asks the shim for the layer `digest` and reads it from the memfd it sends.
@@ -195,7 +262,7 @@ mod tests {
                 line
             });
             let plan = layer_plan(&digest, &wasm);
-            let mut b = Binary::of(&plan).expect("binary");
+            let mut b = Binary::of(&plan, &Index::disabled(), None).expect("binary");
             let got = b.bytes(&plan, &mut worker).map(|b| b.to_vec());
             let line = server.join().expect("server");
             assert!(
@@ -218,15 +285,73 @@ mod tests {
         let (mut worker, mut shim) = UnixStream::pair().expect("pair");
         shim.write_all(&[MODULE_BYTE]).expect("write");
         let plan = layer_plan(&digest, &wasm);
-        let mut b = Binary::of(&plan).expect("binary");
+        let mut b = Binary::of(&plan, &Index::disabled(), None).expect("binary");
         let e = b.fetch(&plan, &mut worker).expect_err("no fd");
         assert!(e.contains("did not send"), "{e}");
+    }
+
+    /// A plan running `/m.wasm` of a rootfs in `root` that holds `wasm`.
+    fn file_plan(root: &std::path::Path, wasm: &[u8]) -> Plan {
+        std::fs::write(root.join("m.wasm"), wasm).expect("write");
+        let spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/m.wasm"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"}, "linux": {}
+        }))
+        .expect("spec");
+        kiln_plan::plan("t", &spec, root, &kiln_plan::Host::default()).expect("plan")
+    }
+
+    #[test]
+    fn a_rootfs_file_the_index_knows_is_not_read_until_its_bytes_are_needed() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let cache = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(cache.path());
+        let wasm = b"\0asm\x01\0\0\0".to_vec();
+        let plan = file_plan(root.path(), &wasm);
+        let dev = std::fs::metadata(root.path()).expect("stat").dev();
+        let meta = std::fs::metadata(root.path().join("m.wasm")).expect("stat");
+        // Too fresh to be recorded: read and hashed, and not remembered.
+        let b = Binary::of(&plan, &index, Some(dev)).expect("binary");
+        assert_eq!(b.fetched(), wasm.as_slice());
+        assert_eq!(index.lookup(&FileId::new(&meta, dev)), None);
+        // Recorded (as the first start after it settled would): the next start trusts it.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        assert!(index.record(&FileId::new(&meta, dev), &b.key, later));
+        let mut b = Binary::of(&plan, &index, Some(dev)).expect("binary");
+        assert_eq!(b.key, Key::of(&wasm));
+        assert!(b.fetched().is_empty(), "an index hit read the module");
+        let (mut chan, _other) = UnixStream::pair().expect("pair");
+        assert_eq!(b.bytes(&plan, &mut chan).expect("bytes"), wasm.as_slice());
+        // Without the shim's device the index is not consulted.
+        let b = Binary::of(&plan, &index, None).expect("binary");
+        assert_eq!(b.fetched(), wasm.as_slice());
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_the_indexed_key_fail_the_start() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let cache = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(cache.path());
+        let plan = file_plan(root.path(), b"\0asm\x01\0\0\0");
+        let dev = std::fs::metadata(root.path()).expect("stat").dev();
+        let meta = std::fs::metadata(root.path().join("m.wasm")).expect("stat");
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        assert!(index.record(&FileId::new(&meta, dev), &Key::of(b"other"), later));
+        let mut b = Binary::of(&plan, &index, Some(dev)).expect("binary");
+        let (mut chan, _other) = UnixStream::pair().expect("pair");
+        let e = b.fetch(&plan, &mut chan).expect_err("mismatch");
+        assert!(e.contains("do not match"), "{e}");
     }
 
     #[test]
     fn a_digest_that_is_not_sha256_is_refused() {
         let plan = layer_plan("sha512:abc", b"\0asm\x01\0\0\0");
-        let e = Binary::of(&plan).err().expect("refused");
+        let e = Binary::of(&plan, &Index::disabled(), None)
+            .err()
+            .expect("refused");
         assert!(e.contains("sha512:abc"), "{e}");
     }
 }

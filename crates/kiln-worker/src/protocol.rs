@@ -65,6 +65,10 @@ pub struct SpawnRequest {
     /// or Kiln's allowlist); `None` when turned off.
     #[serde(default)]
     pub seccomp: Option<kiln_sandbox::seccomp::Filter>,
+    /// The filesystem whose inode numbers the rootfs's files report (see
+    /// `kiln_cache::Index`), when the shim could establish it.
+    #[serde(default)]
+    pub fs_dev: Option<u64>,
 }
 
 /// Zygote → shim.

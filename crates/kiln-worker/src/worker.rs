@@ -247,7 +247,8 @@ fn setup(
         ModuleKind::Core => Kind::Module,
         ModuleKind::Component => Kind::Component,
     };
-    let mut binary = Binary::of(plan)?;
+    let index = kiln_cache::Index::open(&req.cache_root);
+    let mut binary = Binary::of(plan, &index, req.fs_dev)?;
     let cache = Cache::open(&req.cache_root, engine);
     let mut hit = match kind {
         Kind::Module => cache.load_module(engine, &binary.key).map(Loaded::Module),
