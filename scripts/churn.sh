@@ -69,7 +69,8 @@ failures="$workdir/failures"
 : >"$failures"
 start_ns=$(date +%s%N)
 seq 1 "$tasks" | xargs -P "$parallel" -I{} sh -c \
-    'out=$(ctr --address "$1" run --rm --runtime io.containerd.kiln.v1 docker.io/kiln-test/hello:latest "churn-$2" 2>&1) && [ "$out" = "Hello from Kiln!" ] || echo "churn-$2: $out" >>"$3"' \
+    'out=$(ctr --address "$1" run --rm --runtime io.containerd.kiln.v1 docker.io/kiln-test/hello:latest "churn-$2" 2>&1); rc=$?
+     [ "$rc" = 0 ] && [ "$out" = "Hello from Kiln!" ] || echo "churn-$2: rc=$rc out=$out" >>"$3"' \
     _ "$sock" {} "$failures"
 end_ns=$(date +%s%N)
 secs=$(awk -v a="$start_ns" -v b="$end_ns" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
@@ -89,7 +90,17 @@ echo "churn: $tasks containers, $parallel at a time, in ${secs} s ($(awk -v n="$
 echo "failed runs:                 $failed"
 echo "shared shim descriptors:     $fds_before -> $fds_after"
 echo "shared shim RSS:             $rss_before -> $rss_after KiB ($((rss_after - rss_before)) KiB growth)"
+# Exits Kiln reported with output still unread, after KILN_OUTPUT_DRAIN_SECS.
+echo "exits held to the drain limit: $(grep -c 'still unread by its reader' "$workdir/containerd.log" || true)"
 echo "left: processes $left_procs, cgroups $left_cgroups, mounts $left_mounts, bundles $left_bundles, containers $left_containers, cache temp files $left_tmp"
-[ "$failed" = 0 ] || { head -5 "$failures" >&2; exit 1; }
+if [ "$failed" != 0 ]; then
+    head -5 "$failures" >&2
+    # What containerd and the shim said about those containers (the work dir goes at exit).
+    for id in $(head -5 "$failures" | cut -d: -f1); do
+        echo "--- containerd's log for $id ---" >&2
+        grep -E -- "$id([^0-9]|\$)" "$workdir/containerd.log" >&2 || true
+    done
+    exit 1
+fi
 [ "$fds_after" -le "$fds_before" ] || exit 1
 [ $((left_procs + left_cgroups + left_mounts + left_bundles + left_tmp + left_containers)) = 0 ] || exit 1

@@ -21,17 +21,18 @@ cargo test --workspace -- --test-threads=2
 
 # The whole suite above ran against containerd 1.6 (bookworm). Against 1.7 (trixie) and 2.x
 # (sid) again: the basic runs and lifecycle (the shim's start reply and task service name must
-# satisfy each), the image tests (what each version imports and pulls, and which Wasm image
-# forms it runs: layers, components) and the CRI tests (each one's CRI plugin: config version 2
-# for 1.x, 3 for 2.x; pods, pulls, every image form). Their binaries come from Debian's archive,
-# unpacked into target/containerd without installing anything.
+# satisfy each; an exit is held until its output is read), the image tests (what each version
+# imports and pulls, and which Wasm image forms it runs: layers, components) and the CRI tests
+# (each one's CRI plugin: config version 2 for 1.x, 3 for 2.x; pods, pulls, every image form).
+# Their binaries come from Debian's archive, unpacked into target/containerd without installing
+# anything.
 for suite in trixie sid; do
   bin=$(scripts/fetch-containerd.sh "$suite" "target/containerd/$suite")
   echo "==> end-to-end tests against $("$bin/containerd" --version)"
   # --workspace (not -p kiln-e2e): the same feature set as the run above, so nothing is rebuilt.
   KILN_E2E_CONTAINERD_BIN=$bin cargo test --workspace --test run --test lifecycle --test errors \
     --test first_start --test pull --test layers --test components --test cri_runc \
-    --test cri_pull --test cri_kiln --test cri_forms -- --test-threads=2
+    --test cri_pull --test cri_kiln --test cri_forms --test output_drain -- --test-threads=2
 done
 
 # What CRI pulls of Wasm images become on containerd 2.x when its Transfer Service unpacks the

@@ -12,6 +12,7 @@
 //! Everything else (flags, socket naming, logger, publisher, mounts, protos) is the crate's.
 
 mod create;
+mod drain;
 mod events;
 mod exits;
 mod group;

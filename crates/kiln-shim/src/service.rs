@@ -529,6 +529,38 @@ fn no_exec(exec_id: &str) -> ttrpc::Result<()> {
     }
 }
 
+/// Waits until the output the ended worker left in its FIFOs has been read (see `drain`), so
+/// that a client which stops reading when it learns of the exit has all of it. No lock is held
+/// here: the other containers of a shared shim carry on meanwhile, and a Kill of this one is
+/// answered at once (its exit follows within the limit).
+async fn output_read(task: &Task) {
+    use crate::drain::{Drained, drain};
+    let limit = crate::drain::limit();
+    if limit.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    for (name, path) in [
+        ("stdout", &task.stdio.stdout),
+        ("stderr", &task.stdio.stderr),
+    ] {
+        match drain(path, deadline).await {
+            Drained::TimedOut { unread } => warn!(
+                id = task.id.as_str();
+                "container {}: {unread} bytes of its {name} still unread by its reader after \
+                 {limit:?} (KILN_OUTPUT_DRAIN_SECS); reporting its exit",
+                task.id
+            ),
+            Drained::ReaderLeft { unread } => debug!(
+                id = task.id.as_str();
+                "container {}: the reader of its {name} left {unread} bytes unread",
+                task.id
+            ),
+            Drained::NotAFifo | Drained::NoReader | Drained::Read => {}
+        }
+    }
+}
+
 /// An OOM notification as tokio polls it.
 struct Oom(kiln_cgroups::OomEvents);
 
@@ -596,7 +628,10 @@ async fn watch(
     };
     // A dropped sender means the worker's exit can no longer be learned: as killed.
     let status = status.unwrap_or(kiln_worker::EXIT_KILLED);
-    let exit: Exit = task.stopped(status).await;
+    // The time of the exit itself, not of the end of the wait for its output.
+    let exited_at = SystemTime::now();
+    output_read(&task).await;
+    let exit: Exit = task.stopped(status, exited_at).await;
     info!(id = task.id.as_str(); "container {} exited with {status}", task.id);
     publish(
         &publisher,

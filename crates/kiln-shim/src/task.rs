@@ -142,11 +142,12 @@ impl Task {
         Ok(())
     }
 
-    /// Records the worker's exit (after any Start in progress has published its event).
-    pub async fn stopped(&self, status: i32) -> Exit {
+    /// Records the worker's exit, which happened `at` (after any Start in progress has
+    /// published its event).
+    pub async fn stopped(&self, status: i32, at: SystemTime) -> Exit {
         let exit = Exit {
             status: status as u32,
-            at: SystemTime::now(),
+            at,
         };
         let mut state = self.state.lock().await;
         *state = State::Stopped(exit);
