@@ -115,7 +115,7 @@ stop_private_containerd_on_exit "$repo_root" "$workdir"
 export PATH="$repo_root/target/release:$PATH"
 export KILN_CACHE_DIR="$workdir/cache"
 log "starting a private containerd in $workdir"
-ctr_bin=ctr
+ctr_bin=$(command -v ctr)
 bin_dir_args=()
 if [ -n "${KILN_BENCH_CONTAINERD_BIN:-}" ]; then
     ctr_bin="$KILN_BENCH_CONTAINERD_BIN/ctr"
