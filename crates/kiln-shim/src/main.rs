@@ -33,6 +33,15 @@ use std::process::ExitCode;
 pub const RUNTIME_NAME: &str = "io.containerd.kiln.v1";
 
 fn main() -> ExitCode {
+    // One malloc arena for the shim and for what it forks (zygote, workers). glibc gives each
+    // new thread an arena of its own, whose first pages cost some 150-200 KiB resident for good:
+    // the shim's blocking-pool threads and a worker's runtime thread would each add one per
+    // container, and none of them allocates enough at once to contend. An HTTP server, whose
+    // requests allocate on several threads, raises the limit again.
+    // SAFETY: mallopt before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("zygote") {
         // A replacement zygote, exec'd by a shim whose zygote died.
