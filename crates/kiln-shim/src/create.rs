@@ -56,10 +56,10 @@ impl Made {
         if let Some(pidfd) = &self.worker {
             let _ = pidfd_send_signal(pidfd, libc::SIGKILL);
         }
-        if let Some(cg) = &self.cgroup {
-            if let Err(e) = cg.kill_and_remove(CLEANUP_WITHIN) {
-                warn!("remove cgroup after a failed create: {e}");
-            }
+        if let Some(cg) = &self.cgroup
+            && let Err(e) = cg.kill_and_remove(CLEANUP_WITHIN)
+        {
+            warn!("remove cgroup after a failed create: {e}");
         }
         if let Some(rootfs) = &self.rootfs {
             unmount_rootfs(rootfs);

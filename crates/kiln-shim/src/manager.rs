@@ -248,10 +248,9 @@ pub fn cleanup_bundle(bundle: &Path, namespace: &str, id: &str) {
                 &path,
                 &crate::service::default_cgroup(namespace, id),
             )
+            && let Err(e) = cg.kill_and_remove(crate::create::CLEANUP_WITHIN)
         {
-            if let Err(e) = cg.kill_and_remove(crate::create::CLEANUP_WITHIN) {
-                log::warn!("cleanup {id}: remove cgroup: {e}");
-            }
+            log::warn!("cleanup {id}: remove cgroup: {e}");
         }
     }
     crate::service::unmount_rootfs(&bundle.join("rootfs"));
