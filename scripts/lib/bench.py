@@ -12,6 +12,7 @@
     bench.py density-report META_JSON             table + JSON report of bench-density.sh
     bench.py scale-report META_JSON               table + JSON report of bench-density.sh --scale
     bench.py coldstart-plot JSON PNG              the chart of bench-coldstart.sh (gnuplot)
+    bench.py cri-report META_JSON                 table + JSON report of bench-cri.sh
 
 The report commands read a JSON file of inputs the shell script wrote (paths of raw samples,
 options, snapshots), print the table on stdout and write the report to the path it names.
@@ -747,6 +748,126 @@ plot {", ".join(plots)}
     return 0
 
 
+# --- CRI ---------------------------------------------------------------------------------------
+
+# (key, label, unit, value of one round); times in ms, memory in MiB.
+CRI_FIGURES = [
+    ("run_pod_ms", "RunPodSandbox", "ms", lambda r: r["run_pod_ms"]),
+    ("create_ms", "CreateContainer", "ms", lambda r: r["create_ms"]),
+    ("start_exited_ms", "StartContainer -> EXITED", "ms", lambda r: r["start_exited_ms"]),
+    ("create_start_exited_ms", "Create + Start -> EXITED", "ms",
+     lambda r: r["create_start_exited_ms"]),
+    ("pod_pss_mib", "pod PSS (shim + descendants)", "MiB", lambda r: r["pod"]["pss_kib"] / MIB),
+    ("pod_pss_anon_mib", "  of which anonymous", "MiB", lambda r: r["pod"]["pss_anon_kib"] / MIB),
+    ("pod_pss_file_mib", "  of which file pages", "MiB", lambda r: r["pod"]["pss_file_kib"] / MIB),
+    ("shim_pss_mib", "  shim", "MiB", lambda r: cri_role(r, "shim")),
+    ("sandbox_pss_mib", "  sandbox (pause / Kiln's)", "MiB", lambda r: cri_role(r, "sandbox")),
+    ("container_pss_mib", "  idle container", "MiB", lambda r: cri_role(r, "container")),
+    ("other_pss_mib", "  other (Kiln's zygote)", "MiB", lambda r: cri_role(r, "other")),
+    ("pod_uss_mib", "pod USS (private pages)", "MiB", lambda r: r["pod"]["uss_kib"] / MIB),
+    ("pod_rss_mib", "pod RSS", "MiB", lambda r: r["pod"]["rss_kib"] / MIB),
+    ("processes", "processes per pod", "", lambda r: len(r["processes"])),
+    ("peers", "same binary outside the pod", "", lambda r: r["peers"]),
+    ("pod_working_set_mib", "pod working set (PodSandboxStats)", "MiB",
+     lambda r: r["pod_working_set_bytes"] / MIB / 1024),
+    ("container_working_set_mib", "idle container working set", "MiB",
+     lambda r: r["container_working_set_bytes"] / MIB / 1024),
+]
+
+COUNTS = ("processes", "peers")
+
+
+def cri_role(r: dict, role: str) -> float:
+    return sum(p["pss_kib"] for p in r["processes"] if p["role"] == role) / MIB
+
+
+def spread(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    return {"n": len(xs), "min": round(min(xs), 3), "median": round(statistics.median(xs), 3),
+            "max": round(max(xs), 3)}
+
+
+def cri_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    raw = load_json(meta["raw"])
+    runtimes = {rt["handler"]: rt for rt in raw["runtimes"]}
+    summary = {}
+    for handler, rt in runtimes.items():
+        summary[handler] = {key: spread([f(r) for r in rt["rounds"]])
+                            for key, _label, _unit, f in CRI_FIGURES}
+    ratios = {}
+    if "kiln" in summary and "runc" in summary:
+        for key, *_ in CRI_FIGURES:
+            k, r = summary["kiln"][key], summary["runc"][key]
+            if k.get("n") and r.get("n") and r["median"]:
+                ratios[key] = round(k["median"] / r["median"], 3)
+    scan = log_scan(meta["containerd_log"])
+    host_facts = end_of_run(meta["host"])
+    host_facts["containerd"] = raw.get("containerd") or meta.get("containerd_version")
+    report = {
+        "benchmark": "cri",
+        "host": host_facts,
+        "method": "tests/tests/cri_kiln.rs `figures` through the CRI harness (tests/src/cri.rs): "
+                  "one untimed round per handler, then ROUNDS rounds running runc and Kiln in "
+                  "turn, alternating which goes first; per round a host-network pod "
+                  "(RunPodSandbox timed), a short container timed from CreateContainer and from "
+                  "StartContainer to EXITED (ContainerStatus polled every 2 ms), then an idle "
+                  "container and, 1 s after it is RUNNING, the PSS, USS and RSS of the pod's shim "
+                  "and all its descendants (/proc/PID/smaps_rollup), the processes outside the "
+                  "pod running the same shim binary (they share its file pages), and the CRI "
+                  "working sets",
+        "rounds": raw["rounds"],
+        "runtimes": {h: {"echo": rt["echo"], "idle": rt["idle"]} for h, rt in runtimes.items()},
+        "summary": summary,
+        "ratio_kiln_runc_medians": ratios,
+        "targets": cri_targets(summary, ratios),
+        "raw": raw["runtimes"],
+        "containerd_log": scan,
+    }
+    handlers = [h for h in ("runc", "kiln") if h in summary] + \
+        [h for h in summary if h not in ("runc", "kiln")]
+    print()
+    print(f'CRI: {host_facts["containerd"]}, {raw["rounds"]} rounds, host-network pods; '
+          "min / median / max")
+    for h in handlers:
+        print(f'  {h}: echo {runtimes[h]["echo"]}; idle {runtimes[h]["idle"]}')
+    head = f'{"figure":<36}' + "".join(f"{h:>24}" for h in handlers) + f'{"kiln/runc":>11}'
+    print(head)
+    for key, label, unit, _f in CRI_FIGURES:
+        cells = []
+        for h in handlers:
+            s = summary[h][key]
+            prec = 0 if key in COUNTS else (1 if unit == "ms" else 2)
+            cells.append(f'{s["min"]:.{prec}f} / {s["median"]:.{prec}f} / {s["max"]:.{prec}f}'
+                         if s.get("n") else "-")
+        name = f"{label} ({unit})" if unit else label
+        ratio = f'{ratios[key]:.2f}' if key in ratios else "-"
+        print(f"{name:<36}" + "".join(f"{c:>24}" for c in cells) + f"{ratio:>11}")
+    for t in report["targets"]:
+        print(f'target: {t["what"]}: {"met" if t["met"] else "missed"} ({t["value"]})')
+    finish_report(meta, report, scan)
+
+
+def cri_targets(summary: dict, ratios: dict) -> list[dict]:
+    """Issue 8's targets, reported (never judged by the script's exit status)."""
+    out = []
+    for key, what in (("run_pod_ms", "Kiln's RunPodSandbox at most half of runc's"),
+                      ("create_start_exited_ms", "Kiln's create -> EXITED at most half of runc's")):
+        if key in ratios:
+            out.append({"what": what, "met": ratios[key] <= 0.5,
+                        "value": f"median ratio {ratios[key]:.2f}"})
+    k = summary.get("kiln", {})
+    pss = k.get("pod_pss_mib", {})
+    if pss.get("n"):
+        out.append({"what": "a Kiln pod's PSS (shim, sandbox, one container) under 2 MiB",
+                    "met": pss["median"] < 2,
+                    "value": f'median {pss["median"]:.2f} MiB; anonymous '
+                             f'{k["pod_pss_anon_mib"]["median"]:.2f}, USS '
+                             f'{k["pod_uss_mib"]["median"]:.2f}'})
+    return out
+
+
 # --- command line ------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
@@ -772,6 +893,8 @@ def main(argv: list[str]) -> int:
         density_report(args[0])
     elif cmd == "scale-report" and len(args) == 1:
         scale_report(args[0])
+    elif cmd == "cri-report" and len(args) == 1:
+        cri_report(args[0])
     elif cmd == "coldstart-plot" and len(args) == 2:
         return coldstart_plot(args[0], args[1])
     else:

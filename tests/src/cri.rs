@@ -1637,75 +1637,384 @@ fn is_rfc3339_nano(t: &str) -> bool {
 
 // ---- figures ----------------------------------------------------------------------------------
 
-/// Startup and memory figures of one runtime handler, from [`measure`].
-#[derive(Debug, Clone, Default)]
-pub struct Figures {
-    /// RunPodSandbox, per round.
-    pub run_pod: Vec<Duration>,
-    /// CreateContainer + StartContainer until ContainerStatus says EXITED, per round.
-    pub create_start_exited: Vec<Duration>,
-    /// The pod's working set (PodSandboxStats) with one idle container running, per round.
-    pub pod_working_set: Vec<u64>,
-    /// The idle container's own working set (ContainerStats), per round.
-    pub container_working_set: Vec<u64>,
+/// What [`compare`] runs for one runtime handler.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// The runtime handler (`runc`, `kiln`).
+    pub handler: String,
+    /// A short-lived container, timed from CreateContainer to EXITED; it must exit 0.
+    pub echo: ContainerSpec,
+    /// A long-lived container, started after the echo, whose pod is then measured.
+    pub idle: ContainerSpec,
 }
 
-/// For `rounds` rounds: run a host-network pod with `handler`, time a short-lived `echo`
-/// container from create to EXITED (checking it exited 0), start `idle` in the same pod and,
-/// after `settle`, read the pod's and the container's working set; then remove the pod.
-/// Timing is reported, never judged.
-pub fn measure(
+/// One process of a measured pod: the shim or one of its descendants.
+#[derive(Debug, Clone)]
+pub struct PodProcess {
+    /// The pid.
+    pub pid: u32,
+    /// `shim`, `sandbox` (the pod's sandbox process: pause, or Kiln's sandbox worker),
+    /// `container` (the idle container's process) or `other` (Kiln's zygote, any helper).
+    pub role: &'static str,
+    /// `/proc/PID/comm`.
+    pub comm: String,
+    /// The file name of `/proc/PID/exe` (`containerd-shim-kiln-v1`, `pause`, ...).
+    pub exe: String,
+    /// The process's memory, from `/proc/PID/smaps_rollup`.
+    pub mem: Smaps,
+}
+
+/// The fields of `/proc/PID/smaps_rollup` that tell a pod's own memory from what it shares
+/// with the rest of the node, KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smaps {
+    /// `Pss`: each page divided by the number of processes mapping it.
+    pub pss: u64,
+    /// `Pss_Anon`: of that, anonymous memory (heap, stacks, pages copied on write).
+    pub pss_anon: u64,
+    /// `Pss_File`: of that, pages of files (binaries, libraries, mapped compiled code), which
+    /// every process on the node that maps the same file shares.
+    pub pss_file: u64,
+    /// `Private_Clean` + `Private_Dirty`: pages no other process maps, what the process alone
+    /// costs the node (its USS).
+    pub uss: u64,
+    /// `Rss`.
+    pub rss: u64,
+}
+
+/// One round of one runtime handler, from [`compare`].
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// The order of the handler in its round (0: first).
+    pub position: usize,
+    /// RunPodSandbox.
+    pub run_pod: Duration,
+    /// CreateContainer of the echo container.
+    pub create: Duration,
+    /// StartContainer until ContainerStatus says EXITED (polled every 2 ms).
+    pub start_exited: Duration,
+    /// The pod's working set (PodSandboxStats) with the idle container running, bytes.
+    pub pod_working_set: u64,
+    /// The idle container's working set (ContainerStats), bytes.
+    pub container_working_set: u64,
+    /// The shim that runs the pod and all its descendants, with the idle container running.
+    pub processes: Vec<PodProcess>,
+    /// Processes outside the pod running the shim's binary at that moment (other pods' shims,
+    /// a shim still idling after its pod, their children): they share the binary's file pages
+    /// with the pod, and so lower its PSS.
+    pub peers: usize,
+}
+
+impl Round {
+    /// CreateContainer + StartContainer until EXITED.
+    pub fn create_start_exited(&self) -> Duration {
+        self.create + self.start_exited
+    }
+
+    /// The pod's memory: its shim and every descendant, summed.
+    pub fn pod_mem(&self) -> Smaps {
+        self.mem_of(|_| true)
+    }
+
+    /// The memory of the pod's processes of `role`, summed.
+    pub fn role_mem(&self, role: &str) -> Smaps {
+        self.mem_of(|p| p.role == role)
+    }
+
+    fn mem_of(&self, keep: impl Fn(&PodProcess) -> bool) -> Smaps {
+        self.processes
+            .iter()
+            .filter(|p| keep(p))
+            .fold(Smaps::default(), |a, p| Smaps {
+                pss: a.pss + p.mem.pss,
+                pss_anon: a.pss_anon + p.mem.pss_anon,
+                pss_file: a.pss_file + p.mem.pss_file,
+                uss: a.uss + p.mem.uss,
+                rss: a.rss + p.mem.rss,
+            })
+    }
+}
+
+/// Every measured round of one runtime handler.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    /// The runtime handler.
+    pub handler: String,
+    /// The echo container's image and command.
+    pub echo: String,
+    /// The idle container's image and command.
+    pub idle: String,
+    /// The rounds, in order.
+    pub rounds: Vec<Round>,
+}
+
+fn describe(spec: &ContainerSpec) -> String {
+    std::iter::once(spec.image.as_str())
+        .chain(spec.command.iter().map(String::as_str))
+        .chain(spec.args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn smaps_json(m: &Smaps) -> serde_json::Value {
+    serde_json::json!({
+        "pss_kib": m.pss, "pss_anon_kib": m.pss_anon, "pss_file_kib": m.pss_file,
+        "uss_kib": m.uss, "rss_kib": m.rss,
+    })
+}
+
+impl Figures {
+    /// The rounds as JSON: times in ms, working sets in bytes, process memory in KiB.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let rounds: Vec<serde_json::Value> = self
+            .rounds
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "position": r.position,
+                    "run_pod_ms": ms(r.run_pod),
+                    "create_ms": ms(r.create),
+                    "start_exited_ms": ms(r.start_exited),
+                    "create_start_exited_ms": ms(r.create_start_exited()),
+                    "pod_working_set_bytes": r.pod_working_set,
+                    "container_working_set_bytes": r.container_working_set,
+                    "pod": smaps_json(&r.pod_mem()),
+                    "peers": r.peers,
+                    "processes": r.processes.iter().map(|p| {
+                        let mut j = smaps_json(&p.mem);
+                        j["pid"] = p.pid.into();
+                        j["role"] = p.role.into();
+                        j["comm"] = p.comm.as_str().into();
+                        j["exe"] = p.exe.as_str().into();
+                        j
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "handler": self.handler,
+            "echo": self.echo,
+            "idle": self.idle,
+            "rounds": rounds,
+        })
+    }
+}
+
+/// Measures `subjects` against each other: one untimed warm-up round each (it fills Kiln's
+/// compile cache), then `rounds` rounds, each running every subject once, in turn, in an order
+/// that alternates from one round to the next, so that a drift of the machine touches all
+/// alike. Each subject's round: a host-network pod, the echo container timed from create to
+/// EXITED (it must exit 0), the idle container started in the same pod and, after `settle`,
+/// the pod's working set (PodSandboxStats), the idle container's (ContainerStats) and the PSS
+/// of the pod's shim and all its descendants; then the pod is removed. Timing is reported,
+/// never judged.
+pub fn compare(
     cri: &'static Cri,
-    handler: &str,
-    echo: &ContainerSpec,
-    idle: &ContainerSpec,
+    subjects: &[Subject],
     rounds: usize,
     settle: Duration,
-) -> Result<Figures> {
-    let mut f = Figures::default();
-    for i in 0..rounds {
-        let t0 = Instant::now();
-        let pod = cri.run_pod(PodSpec::new(&format!("measure-{handler}"), handler))?;
-        f.run_pod.push(t0.elapsed());
-
-        let mut spec = echo.clone();
-        spec.name = format!("{}-{i}", echo.name);
-        let t1 = Instant::now();
-        let c = pod.run(&spec)?;
-        let s = c.wait_exited(Duration::from_secs(60))?;
-        f.create_start_exited.push(t1.elapsed());
-        if s.exit_code != 0 {
-            return Err(CriError::harness(
-                "measure",
-                format!("the echo container exited {} ({})", s.exit_code, s.reason),
-            ));
-        }
-
-        let idle_c = pod.run(idle)?;
-        idle_c.wait_state(State::Running, Duration::from_secs(30))?;
-        std::thread::sleep(settle);
-        let ws = |m: Option<&api::MemoryUsage>| {
-            m.and_then(|m| m.working_set_bytes.as_ref())
-                .map_or(0, |v| v.value)
-        };
-        let ps = pod.stats()?;
-        f.pod_working_set
-            .push(ws(ps.linux.as_ref().and_then(|l| l.memory.as_ref())));
-        let cs = idle_c.stats()?;
-        f.container_working_set.push(ws(cs.memory.as_ref()));
-        pod.remove()?;
+) -> Result<Vec<Figures>> {
+    for s in subjects {
+        measure_round(cri, s, 0, settle)?;
     }
-    Ok(f)
+    let mut figures: Vec<Figures> = subjects
+        .iter()
+        .map(|s| Figures {
+            handler: s.handler.clone(),
+            echo: describe(&s.echo),
+            idle: describe(&s.idle),
+            rounds: Vec::with_capacity(rounds),
+        })
+        .collect();
+    for i in 0..rounds {
+        let mut order: Vec<usize> = (0..subjects.len()).collect();
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for (position, &k) in order.iter().enumerate() {
+            let r = measure_round(cri, &subjects[k], position, settle)?;
+            figures[k].rounds.push(r);
+        }
+    }
+    Ok(figures)
 }
 
-/// (min, median, max) of `xs`; zeros when empty.
-pub fn spread<T: Copy + Ord + Default>(xs: &[T]) -> (T, T, T) {
-    let mut s = xs.to_vec();
-    s.sort();
-    match s.as_slice() {
-        [] => (T::default(), T::default(), T::default()),
-        _ => (s[0], s[s.len() / 2], s[s.len() - 1]),
+fn measure_round(
+    cri: &'static Cri,
+    subject: &Subject,
+    position: usize,
+    settle: Duration,
+) -> Result<Round> {
+    let t0 = Instant::now();
+    let pod = cri.run_pod(PodSpec::new(
+        &format!("figures-{}", subject.handler),
+        &subject.handler,
+    ))?;
+    let run_pod = t0.elapsed();
+
+    let t1 = Instant::now();
+    let c = pod.create(&subject.echo)?;
+    let create = t1.elapsed();
+    let t2 = Instant::now();
+    c.start()?;
+    let s = c.wait_exited(Duration::from_secs(60))?;
+    let start_exited = t2.elapsed();
+    if s.exit_code != 0 {
+        return Err(CriError::harness(
+            "measure",
+            format!(
+                "{}: the echo container exited {} ({})",
+                subject.handler, s.exit_code, s.reason
+            ),
+        ));
     }
+
+    let idle = pod.run(&subject.idle)?;
+    idle.wait_state(State::Running, Duration::from_secs(30))?;
+    std::thread::sleep(settle);
+    let ws = |m: Option<&api::MemoryUsage>| {
+        m.and_then(|m| m.working_set_bytes.as_ref())
+            .map_or(0, |v| v.value)
+    };
+    let ps = pod.stats()?;
+    let pod_working_set = ws(ps.linux.as_ref().and_then(|l| l.memory.as_ref()));
+    let cs = idle.stats()?;
+    let container_working_set = ws(cs.memory.as_ref());
+    let (processes, peers) = pod_processes(&pod, &idle)?;
+    pod.remove()?;
+    Ok(Round {
+        position,
+        run_pod,
+        create,
+        start_exited,
+        pod_working_set,
+        container_working_set,
+        processes,
+        peers,
+    })
+}
+
+fn info_pid(call: &str, info: &serde_json::Value) -> Result<u32> {
+    info["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| p > 0)
+        .ok_or_else(|| CriError::harness(call, format!("no pid in the verbose info: {info}")))
+}
+
+/// The shim that runs `pod` (the sandbox process's parent) and all its descendants, with their
+/// memory, roles told apart by the pids the CRI reports for the sandbox and `idle`; and how many
+/// processes outside the pod run the shim's binary.
+fn pod_processes(pod: &Pod, idle: &Container) -> Result<(Vec<PodProcess>, usize)> {
+    let (_, info) = pod.status()?;
+    let info: serde_json::Value = serde_json::from_str(info.get("info").map_or("", |s| s))
+        .map_err(|e| CriError::harness("PodSandboxStatus", format!("verbose info: {e}")))?;
+    let sandbox = info_pid("PodSandboxStatus", &info)?;
+    let container = info_pid("ContainerStatus", &idle.status_info()?)?;
+    let parents = parent_pids();
+    let shim = parents.get(&sandbox).copied().ok_or_else(|| {
+        CriError::harness("measure", format!("the sandbox process {sandbox} is gone"))
+    })?;
+    let mut tree = vec![shim];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        let mut children: Vec<u32> = parents
+            .iter()
+            .filter(|&(_, &pp)| pp == p)
+            .map(|(&c, _)| c)
+            .collect();
+        children.sort_unstable();
+        tree.extend(children);
+        i += 1;
+    }
+    let exe_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let shim_exe = exe_of(shim);
+    let peers = parents
+        .keys()
+        .filter(|p| !tree.contains(p))
+        .filter(|&&p| shim_exe.is_some() && exe_of(p) == shim_exe)
+        .count();
+    let mut out = Vec::new();
+    for pid in tree {
+        let Some(mem) = smaps_rollup(pid) else {
+            continue; // gone meanwhile, or a kernel thread
+        };
+        let role = match pid {
+            p if p == shim => "shim",
+            p if p == sandbox => "sandbox",
+            p if p == container => "container",
+            _ => "other",
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let exe = exe_of(pid)
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        out.push(PodProcess {
+            pid,
+            role,
+            comm: comm.trim().to_string(),
+            exe,
+            mem,
+        });
+    }
+    for role in ["shim", "sandbox", "container"] {
+        if !out.iter().any(|p| p.role == role) {
+            return Err(CriError::harness(
+                "measure",
+                format!("no {role} process under shim {shim}: {out:?}"),
+            ));
+        }
+    }
+    Ok((out, peers))
+}
+
+/// pid → parent pid of every process.
+fn parent_pids() -> HashMap<u32, u32> {
+    let mut m = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return m;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .and_then(|rest| rest.split(' ').nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            m.insert(pid, ppid);
+        }
+    }
+    m
+}
+
+/// `/proc/PID/smaps_rollup`; `None` when unreadable or empty (a kernel thread, or gone).
+fn smaps_rollup(pid: u32) -> Option<Smaps> {
+    parse_smaps_rollup(&std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?)
+}
+
+fn parse_smaps_rollup(text: &str) -> Option<Smaps> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some(Smaps {
+        pss: field("Pss")?,
+        pss_anon: field("Pss_Anon")?,
+        pss_file: field("Pss_File")?,
+        uss: field("Private_Clean")? + field("Private_Dirty")?,
+        rss: field("Rss")?,
+    })
 }
 
 #[cfg(test)]
@@ -1772,8 +2081,23 @@ mod tests {
     }
 
     #[test]
-    fn spread_of_samples() {
-        assert_eq!(spread(&[3, 1, 2]), (1, 2, 3));
-        assert_eq!(spread::<u64>(&[]), (0, 0, 0));
+    fn reads_the_fields_of_smaps_rollup() {
+        let text = "56174382c000-7ffd90913000 ---p 00000000 00:00 0   [rollup]\n\
+                    Rss:                1760 kB\n\
+                    Pss:                 257 kB\n\
+                    Pss_Dirty:           112 kB\n\
+                    Pss_Anon:            110 kB\n\
+                    Pss_File:            145 kB\n\
+                    Pss_Shmem:             2 kB\n\
+                    Shared_Clean:       1608 kB\n\
+                    Private_Clean:        40 kB\n\
+                    Private_Dirty:       112 kB\n";
+        let m = parse_smaps_rollup(text).unwrap();
+        assert_eq!(
+            (m.pss, m.pss_anon, m.pss_file, m.uss, m.rss),
+            (257, 110, 145, 152, 1760)
+        );
+        // A kernel thread's rollup is empty.
+        assert!(parse_smaps_rollup("").is_none());
     }
 }

@@ -257,3 +257,109 @@ fn exec_is_refused_with_a_clear_error() {
         "the error says exec is not supported and what to use: {msg}"
     );
 }
+
+/// Kiln and runc through the CRI in one run, with the same host-network pod spec: the times of
+/// RunPodSandbox and of a short container from CreateContainer to EXITED, and the memory of a
+/// pod holding one idle container. A benchmark, so not part of the suite (it takes a minute or
+/// more): `scripts/bench-cri.sh -n ROUNDS` runs it with `--ignored`, `KILN_CRI_ROUNDS` rounds
+/// (one when unset) and `KILN_CRI_FIGURES` naming the JSON file it writes the rounds to (with
+/// containerd's log copied next to it). What is asserted is what must hold whatever the timing:
+/// each echo exited 0 (checked by the harness), each pod had exactly one shim, sandbox and
+/// container process, each with PSS, under its own runtime's shim, and the working sets are not
+/// zero; a wrong round fails the test and so the benchmark.
+#[test]
+#[ignore = "benchmark: scripts/bench-cri.sh runs it (KILN_CRI_ROUNDS rounds)"]
+fn figures() {
+    let cri = images();
+    let rounds: usize = match std::env::var("KILN_CRI_ROUNDS") {
+        Err(_) => 1,
+        Ok(r) => r
+            .parse()
+            .ok()
+            .filter(|&r| r > 0)
+            .unwrap_or_else(|| panic!("KILN_CRI_ROUNDS={r}: want a positive number")),
+    };
+    let subjects = [
+        cri::Subject {
+            handler: "runc".into(),
+            echo: ContainerSpec::new("echo", cri::BUSYBOX).command(["/bin/echo", "hello"]),
+            idle: ContainerSpec::new("idle", cri::BUSYBOX).command(["/bin/sleep", "3600"]),
+        },
+        cri::Subject {
+            handler: HANDLER.into(),
+            echo: ContainerSpec::new("echo", &image("hello")),
+            idle: ContainerSpec::new("idle", &image("sleep")).args(["3600"]),
+        },
+    ];
+    let figures = cri::compare(cri, &subjects, rounds, Duration::from_secs(1)).unwrap();
+    for f in &figures {
+        assert_eq!(f.rounds.len(), rounds, "{}", f.handler);
+        for r in &f.rounds {
+            assert!(
+                r.pod_working_set > 0 && r.container_working_set > 0,
+                "{}: working sets: {r:?}",
+                f.handler
+            );
+            for role in ["shim", "sandbox", "container"] {
+                let n = r.processes.iter().filter(|p| p.role == role).count();
+                assert_eq!(n, 1, "{}: {n} {role} processes: {r:?}", f.handler);
+                assert!(
+                    r.role_mem(role).pss > 0,
+                    "{}: {role} has no PSS: {r:?}",
+                    f.handler
+                );
+            }
+        }
+    }
+    // Each pod ran under its own runtime's shim.
+    for (f, exe) in figures
+        .iter()
+        .zip(["containerd-shim-runc-v2", "containerd-shim-kiln-v1"])
+    {
+        for r in &f.rounds {
+            let shim = r.processes.iter().find(|p| p.role == "shim");
+            assert_eq!(
+                shim.map(|p| p.exe.as_str()),
+                Some(exe),
+                "{}: {r:?}",
+                f.handler
+            );
+        }
+    }
+    if let Some(path) = std::env::var_os("KILN_CRI_FIGURES") {
+        let path = std::path::PathBuf::from(path);
+        let json = serde_json::json!({
+            "containerd": cri.runtime_version,
+            "rounds": rounds,
+            "settle_ms": 1000,
+            "runtimes": figures.iter().map(cri::Figures::to_json).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        let log = path.with_file_name(format!(
+            "{}-containerd.log",
+            path.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        std::fs::copy(cri.log_path(), &log).unwrap();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "CRI figures on {} ({rounds} rounds, medians):",
+        cri.runtime_version
+    );
+    for f in &figures {
+        let median = |mut xs: Vec<f64>| {
+            xs.sort_by(f64::total_cmp);
+            xs[xs.len() / 2]
+        };
+        let of = |g: &dyn Fn(&cri::Round) -> f64| median(f.rounds.iter().map(g).collect());
+        eprintln!(
+            "  {:<5} RunPodSandbox {:.1} ms, create→EXITED {:.1} ms, pod PSS {:.0} KiB, \
+             pod working set {:.0} KiB",
+            f.handler,
+            of(&|r| ms(r.run_pod)),
+            of(&|r| ms(r.create_start_exited())),
+            of(&|r| r.pod_mem().pss as f64),
+            of(&|r| r.pod_working_set as f64 / 1024.0),
+        );
+    }
+}

@@ -347,48 +347,6 @@ fn a_pod_network_serves_http_inside_the_harness_namespace() {
     traces.assert_gone(Duration::from_secs(10));
 }
 
-/// The figures Kiln is compared with: `KILN_CRI_ROUNDS=20 cargo test --test cri_runc figures
-/// -- --nocapture` (one round by default, so that the measuring code runs in the suite).
-#[test]
-fn figures() {
-    let cri = cri();
-    let rounds = std::env::var("KILN_CRI_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(1);
-    let echo = ContainerSpec::new("echo", BUSYBOX).command(["/bin/echo", "hello"]);
-    let idle = ContainerSpec::new("idle", BUSYBOX).command(["/bin/sleep", "3600"]);
-    let f = cri::measure(cri, HANDLER, &echo, &idle, rounds, Duration::from_secs(1)).unwrap();
-    assert_eq!(f.run_pod.len(), rounds);
-    assert!(f.pod_working_set.iter().all(|&w| w > 0), "{f:?}");
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let kib = |b: u64| b as f64 / 1024.0;
-    let (a, b, c) = cri::spread(&f.run_pod);
-    let (d, e, g) = cri::spread(&f.create_start_exited);
-    let (h, i, j) = cri::spread(&f.pod_working_set);
-    let (k, l, m) = cri::spread(&f.container_working_set);
-    eprintln!(
-        "CRI figures, {HANDLER} on {} ({rounds} rounds; min/median/max):\n  \
-         RunPodSandbox                          {:.1} / {:.1} / {:.1} ms\n  \
-         CreateContainer+StartContainer→EXITED  {:.1} / {:.1} / {:.1} ms\n  \
-         pod working set (pause + idle)         {:.0} / {:.0} / {:.0} KiB\n  \
-         idle container working set             {:.0} / {:.0} / {:.0} KiB",
-        cri.runtime_version,
-        ms(a),
-        ms(b),
-        ms(c),
-        ms(d),
-        ms(e),
-        ms(g),
-        kib(h),
-        kib(i),
-        kib(j),
-        kib(k),
-        kib(l),
-        kib(m),
-    );
-}
-
 #[test]
 fn pull_from_a_registry_run_inside_the_namespace() {
     let cri = cri();
