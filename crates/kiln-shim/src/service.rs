@@ -95,6 +95,8 @@ pub struct Service {
     pod: bool,
     /// That pod's sandbox has been deleted.
     pod_sandbox_deleted: std::sync::atomic::AtomicBool,
+    /// containerd has sent Shutdown.
+    shutdown_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -124,15 +126,18 @@ impl Service {
             maybe_idle: Notify::new(),
             pod,
             pod_sandbox_deleted: std::sync::atomic::AtomicBool::new(false),
+            shutdown_asked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// A pod's shim whose pod is gone: its sandbox was deleted.
+    /// A pod's shim whose pod is gone (its sandbox was deleted) and that containerd has asked
+    /// to shut down: it exits at once instead of after the idle time. Not on the sandbox's
+    /// Delete alone: exiting while that reply is on its way cut it off (containerd 2.1 then
+    /// failed StopPodSandbox with "ttrpc: closed" and retried), and containerd follows every
+    /// Delete with a Shutdown.
     pub(crate) fn pod_over(&self) -> bool {
-        self.pod
-            && self
-                .pod_sandbox_deleted
-                .load(std::sync::atomic::Ordering::SeqCst)
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pod && self.pod_sandbox_deleted.load(SeqCst) && self.shutdown_asked.load(SeqCst)
     }
 
     /// Resolves when containerd has shut the shim down (or an idle shared shim exits), once
@@ -451,6 +456,8 @@ impl TaskApi for Service {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        self.shutdown_asked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if self.table.is_idle() {
             if self.shared_address.is_some() {
                 self.maybe_idle.notify_one();
