@@ -449,3 +449,46 @@ fn run_rm_leaves_no_cgroup_behind() {
     assert_cleaned_up(&c.id, Duration::from_secs(10));
     assert!(!dir.exists(), "{} remains", dir.display());
 }
+
+/// Whether a process placed in `cgroup` (a directory) can open `dev` for reading: the v2
+/// device program applies to every process of the cgroup, so a probe that joins it sees what
+/// the guest's worker sees, without the rootfs's `nodev` mounts in the way.
+fn opens_in(cgroup: &Path, dev: &str) -> bool {
+    let procs = cgroup.join("cgroup.procs");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1" && exec 3< "$2""#)
+        .args(["sh", &procs.to_string_lossy(), dev])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the probe");
+    status.success()
+}
+
+#[test]
+#[ignore = "needs a cgroup v2 node; scripts/vm-v2.sh runs it"]
+fn the_device_program_allows_only_the_specs_devices() {
+    let k = v2_kiln();
+    let c = k.container("v2-devices");
+    let out = c.run(&image("sleep")).detach();
+    start(&c, out);
+    let dir = cgroup_of(&c);
+    // ctr's spec allows runc's defaults (null, zero, full, random, urandom, tty, ptmx); the
+    // kernel log is not among them. Outside the cgroup this process opens both.
+    let outside = [
+        opens_in(Path::new(ROOT), "/dev/null"),
+        opens_in(Path::new(ROOT), "/dev/kmsg"),
+    ];
+    let inside = [opens_in(&dir, "/dev/null"), opens_in(&dir, "/dev/kmsg")];
+    stop(&c);
+    assert_eq!(
+        outside,
+        [true, true],
+        "the probe itself cannot open the devices"
+    );
+    assert_eq!(
+        inside,
+        [true, false],
+        "/dev/null allowed, /dev/kmsg denied in the container's cgroup"
+    );
+}

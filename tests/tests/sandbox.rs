@@ -184,7 +184,8 @@ fn stop(c: &Container) {
 fn the_cgroup_denies_every_device_but_the_specs() {
     let k = kiln();
     if kiln_e2e::cgroup_v2() {
-        // The v2 device program is checked on the v2 node (tests/tests/cgroup_v2.rs).
+        // The v2 device program is checked on the v2 node (tests/tests/cgroup_v2.rs,
+        // the_device_program_allows_only_the_specs_devices).
         return;
     }
     let c = k.container("devices-list");

@@ -310,27 +310,44 @@ fn bpf<T>(cmd: libc::c_int, attr: &T) -> io::Result<libc::c_long> {
 pub(crate) fn attach_v2(dir: &Path, rules: &[DeviceRule]) -> Result<()> {
     let prog = program(rules);
     let license = c"Apache-2.0";
-    let mut log = vec![0u8; 4096];
-    let load = ProgLoadAttr {
+    // Without a verifier log first: the log costs time on every container start, and a log
+    // buffer the verbose log overflows fails the load itself with ENOSPC (Linux 6.1 writes
+    // every instruction's state at level 1: more than 4 KiB for runc's default rules).
+    let mut load = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
         insn_cnt: prog.len() as u32,
         insns: prog.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
         ..ProgLoadAttr::default()
     };
-    let prog_fd = match bpf(BPF_PROG_LOAD, &load) {
+    let loaded = bpf(BPF_PROG_LOAD, &load).or_else(|first| {
+        // Refused: once more with the verifier's log, to say why.
+        let mut log = vec![0u8; 1 << 20];
+        load.log_level = 1;
+        load.log_size = log.len() as u32;
+        load.log_buf = log.as_mut_ptr() as u64;
+        bpf(BPF_PROG_LOAD, &load).map_err(|_| (first, log))
+    });
+    let prog_fd = match loaded {
         // SAFETY: BPF_PROG_LOAD returned a new descriptor that nothing else owns.
         Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        Err(source) => {
+        Err((source, log)) => {
             let text = String::from_utf8_lossy(&log);
             let verifier = text.trim_end_matches('\0').trim();
+            // The end of the log says why.
+            let tail: String = verifier
+                .lines()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             return Err(Error::Device {
                 path: dir.to_path_buf(),
                 op: "load the device program",
-                detail: verifier.to_string(),
+                detail: tail,
                 source,
             });
         }
