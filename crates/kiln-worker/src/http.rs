@@ -9,13 +9,14 @@
 //! grace period), and exits 0; SIGKILL ends it at once (137).
 //!
 //! Each request's WASI context is made anew: args, env, stdio (so a handler's output goes to
-//! the container's log), and the guest's directories, opened from the worker's detached mounts
-//! (the worker is chrooted by then, so it makes each one its working directory to open it,
-//! under a lock: the working directory is the process's).
+//! the container's log). What is not guest state is made once and shared: the guest's
+//! directories are opened when the server is set up, before the worker is chrooted, as a
+//! command's are, and every request's context gets copies of those descriptors (a lookup is
+//! relative to them and changes nothing in them). Opening them per request, after the chroot,
+//! cost six system calls under a process-wide lock on every request.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::BodyExt;
@@ -25,7 +26,8 @@ use log::{debug, info, warn};
 use tokio::sync::{Semaphore, watch};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::filesystem::WasiFilesystemCtx;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -105,43 +107,26 @@ impl WasiHttpView for Host {
     }
 }
 
-/// A directory every request's context opens.
-pub(crate) struct Dir {
-    fd: OwnedFd,
-    guest: String,
-    read_only: bool,
-}
-
 /// A server ready to serve.
 pub(crate) struct Prepared {
     id: String,
     plan: Plan,
     pre: ProxyPre<Host>,
     listener: std::net::TcpListener,
-    dirs: Vec<Dir>,
+    fs: WasiFilesystemCtx,
     memory_cap: Option<usize>,
 }
 
-/// The guest's directories, for a server to open for each request (copies of the worker's
-/// descriptors, which keep the detached mounts alive).
-pub(crate) fn keep_dirs(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<Vec<Dir>, String> {
-    let mut kept = Vec::new();
-    let dev = dirs.dev.iter().map(|fd| ("/dev", false, fd));
-    let preopens = plan
-        .preopens
-        .iter()
-        .zip(&dirs.preopens)
-        .map(|(p, fd)| (p.guest.as_str(), p.read_only, fd));
-    for (guest, read_only, fd) in preopens.chain(dev) {
-        kept.push(Dir {
-            fd: fd
-                .try_clone()
-                .map_err(|e| format!("keep the directory {guest}: {e}"))?,
-            guest: guest.to_string(),
-            read_only,
-        });
-    }
-    Ok(kept)
+/// The guest's directories, opened once for every request's context to share: the same
+/// preopens as a command gets (its mounts, `/dev`, its working directory as `.`), opened
+/// through the worker's detached mounts before the worker is chrooted.
+pub(crate) fn filesystem(
+    plan: &Plan,
+    dirs: &crate::worker::Dirs,
+) -> Result<WasiFilesystemCtx, String> {
+    let mut b = crate::p2::builder(plan);
+    crate::run::add_preopens(&mut b, plan, dirs, true)?;
+    Ok(b.build().filesystem().clone())
 }
 
 /// Links the component with WASI preview 2 (the whole command world: handlers built with a
@@ -149,7 +134,7 @@ pub(crate) fn keep_dirs(plan: &Plan, dirs: &crate::worker::Dirs) -> Result<Vec<D
 pub(crate) fn link(
     component: &Component,
     plan: &Plan,
-    dirs: Vec<Dir>,
+    fs: WasiFilesystemCtx,
     listener: std::net::TcpListener,
 ) -> Result<Prepared, String> {
     let guest = plan.args.first().cloned().unwrap_or_default();
@@ -166,7 +151,7 @@ pub(crate) fn link(
         plan: plan.clone(),
         pre,
         listener,
-        dirs,
+        fs,
         memory_cap: crate::run::memory_cap(plan.resources.memory_limit),
     })
 }
@@ -187,39 +172,19 @@ struct Server {
     id: String,
     plan: Plan,
     pre: ProxyPre<Host>,
-    dirs: Vec<Dir>,
+    fs: WasiFilesystemCtx,
     memory_cap: Option<usize>,
     slots: Semaphore,
-    cwd: Mutex<()>,
 }
 
 impl Server {
-    /// A fresh WASI context for one request.
-    fn context(&self) -> wasmtime::Result<WasiCtx> {
+    /// A fresh WASI context for one request, sharing the server's opened directories.
+    fn context(&self) -> WasiCtx {
         let mut b = crate::p2::builder(&self.plan);
-        // The worker is chrooted: each directory is opened as the working directory, which is
-        // the process's, so one request at a time.
-        let _cwd = self.cwd.lock().unwrap_or_else(|p| p.into_inner());
-        for d in &self.dirs {
-            // SAFETY: fchdir to a directory descriptor we hold.
-            if unsafe { libc::fchdir(d.fd.as_raw_fd()) } != 0 {
-                return Err(wasmtime::Error::msg(format!(
-                    "open {}: {}",
-                    d.guest,
-                    std::io::Error::last_os_error()
-                )));
-            }
-            let perms = if d.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            b.preopened_dir(".", &d.guest, perms)?;
-        }
-        if self.plan.cwd != "/" {
-            b.initial_cwd(&self.plan.cwd);
-        }
-        Ok(b.build())
+        b.initial_cwd(&self.plan.cwd);
+        let mut ctx = b.build();
+        *ctx.filesystem() = self.fs.clone();
+        ctx
     }
 
     async fn handle(
@@ -239,7 +204,7 @@ impl Server {
         let mut store = Store::new(
             self.pre.engine(),
             Host {
-                ctx: self.context()?,
+                ctx: self.context(),
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
                 limits: limits.build(),
@@ -308,7 +273,7 @@ async fn serve(p: Prepared) -> i32 {
         plan,
         pre,
         listener,
-        dirs,
+        fs,
         memory_cap,
     } = p;
     let addr = listener.local_addr().ok();
@@ -333,10 +298,9 @@ async fn serve(p: Prepared) -> i32 {
         id: id.clone(),
         plan,
         pre,
-        dirs,
+        fs,
         memory_cap,
         slots: Semaphore::new(MAX_CONCURRENT),
-        cwd: Mutex::new(()),
     });
     info!("worker {id}: serving HTTP on {addr:?}");
     let (stop_tx, stop_rx) = watch::channel(false);
