@@ -119,8 +119,10 @@ stop_wasmtime() {
     [ -z "$wasmtime_pid" ] || { kill -INT "$wasmtime_pid" 2>/dev/null; wait "$wasmtime_pid" 2>/dev/null; } || true
     wasmtime_pid=""
 }
+# Then the containerd cleanup, which reads the exit status from $?; set +e first, or a failed
+# run's `(exit $rc)` would end the trap before the cleanup.
 # shellcheck disable=SC2154 # rc is set inside the trap
-trap 'rc=$?; stop_wasmtime; (exit $rc); _kiln_private_containerd_cleanup' EXIT
+trap 'rc=$?; set +e; stop_wasmtime; (exit $rc); _kiln_private_containerd_cleanup' EXIT
 
 python3 scripts/make-busybox-image.py "$workdir/native-echo.tar" \
     --ref docker.io/kiln-test/native-echo:latest --exe "$native_exe" >&2
