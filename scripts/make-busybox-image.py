@@ -9,10 +9,12 @@ a native static busybox instead of a Wasm module.
 With --pause it builds the CRI sandbox image instead: the static binary PAUSE
 (scripts/lib/pause.c) as /pause, the entrypoint. A private containerd with the
 CRI plugin has no internet to pull registry.k8s.io's, so it uses this one.
+With --exe it does the same for any static program (scripts/bench-http.sh's
+native echo server): EXE as /NAME (its file name), the entrypoint.
 
 Usage:
     scripts/make-busybox-image.py OUT.tar [--ref kiln-test/busybox:latest]
-                                          [--busybox /bin/busybox | --pause PAUSE]
+                                          [--busybox /bin/busybox | --pause PAUSE | --exe EXE]
 
 Needs Debian's busybox-static package (`apt-get install busybox-static`):
 the image has no libc, so a dynamically linked busybox would not run.
@@ -137,10 +139,14 @@ def to_json(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def build(busybox_path: str, ref: str, pause: bool = False) -> tuple[bytes, str, str]:
+def build(busybox_path: str, ref: str, pause: bool = False,
+          exe: bool = False) -> tuple[bytes, str, str]:
     """Return (tarball bytes, full reference, manifest digest). With `pause`, busybox_path is
-    the pause binary and the image is the CRI sandbox image."""
+    the pause binary and the image is the CRI sandbox image; with `exe`, it is a static
+    program, the image's only file and its entrypoint."""
     full_ref, familiar, tag = normalise_ref(ref)
+    if exe and not os.path.exists(busybox_path):
+        raise Error(f"{busybox_path} not found")
     if not os.path.exists(busybox_path):
         if pause:
             raise Error(f"{busybox_path} not found (build scripts/lib/pause.c with cc -static)")
@@ -150,6 +156,8 @@ def build(busybox_path: str, ref: str, pause: bool = False) -> tuple[bytes, str,
         )
     arch, static = elf_info(busybox_path)
     if not static:
+        if exe:
+            raise Error(f"{busybox_path} is dynamically linked; the image has no libc")
         if pause:
             raise Error(f"{busybox_path} is dynamically linked; build it with cc -static")
         raise Error(
@@ -159,10 +167,11 @@ def build(busybox_path: str, ref: str, pause: bool = False) -> tuple[bytes, str,
     with open(busybox_path, "rb") as f:
         binary = f.read()
 
-    if pause:
-        layer = make_tar([(tar_info("pause", tarfile.REGTYPE, 0o755, len(binary)), binary)])
-        image_config = {"Env": [ENV_PATH], "Entrypoint": ["/pause"]}
-        comment = "CRI sandbox (pause)"
+    if pause or exe:
+        name = "pause" if pause else os.path.basename(busybox_path)
+        layer = make_tar([(tar_info(name, tarfile.REGTYPE, 0o755, len(binary)), binary)])
+        image_config = {"Env": [ENV_PATH], "Entrypoint": [f"/{name}"]}
+        comment = "CRI sandbox (pause)" if pause else f"static {name}"
     else:
         layer = make_tar(
             [(tar_info("bin/", tarfile.DIRTYPE, 0o755), None),
@@ -242,10 +251,14 @@ def main() -> int:
                       help=f"static busybox binary to pack (default: {DEFAULT_BUSYBOX})")
     what.add_argument("--pause", metavar="PAUSE",
                       help="build the CRI sandbox image from this static pause binary instead")
+    what.add_argument("--exe", metavar="EXE",
+                      help="build an image of this static program (as /NAME, the entrypoint)")
     args = parser.parse_args()
     try:
         if args.pause:
             image, full_ref, digest = build(args.pause, args.ref, pause=True)
+        elif args.exe:
+            image, full_ref, digest = build(args.exe, args.ref, exe=True)
         else:
             image, full_ref, digest = build(args.busybox, args.ref)
         out_dir = os.path.dirname(os.path.abspath(args.output))

@@ -10,6 +10,7 @@
     bench.py log-scan LOG [SKIP_LINES]            warnings/errors in a containerd log as JSON
     bench.py throughput-report META_JSON          table + JSON report of bench-throughput.sh
     bench.py density-report META_JSON             table + JSON report of bench-density.sh
+    bench.py http-report META_JSON                table + JSON report of bench-http.sh
     bench.py scale-report META_JSON               table + JSON report of bench-density.sh --scale
     bench.py coldstart-plot JSON PNG              the chart of bench-coldstart.sh (gnuplot)
     bench.py cri-report META_JSON                 table + JSON report of bench-cri.sh
@@ -673,6 +674,162 @@ def scale_report(meta_path: str) -> None:
     finish_report(meta, report, scan)
 
 
+# --- HTTP serving --------------------------------------------------------------------------------
+
+HTTP_SERVERS = {
+    "kiln": "http-p2 component in a Kiln container (io.containerd.kiln.v1, --net-host)",
+    "wasmtime": "http-p2 component under `wasmtime serve -S cli` (host process)",
+    "native": "bench/native-echo (hyper, static) in a runc container (--net-host)",
+}
+
+
+def parse_phases(line: str) -> dict:
+    """`requests=N context_us=1.2 ...` (Kiln's `http phases` log line) as a dict of numbers."""
+    out = {}
+    for m in re.finditer(r"(\w+)=([0-9.]+)", line or ""):
+        out[m.group(1)] = float(m.group(2)) if "." in m.group(2) else int(m.group(2))
+    return out
+
+
+def http_run(run: dict, clk_tck: int) -> dict | None:
+    w = run["wrk"]
+    if not w.get("requests") or not w.get("duration_us"):
+        return None
+    lat = w["latency_us"]
+    errors = w["errors"]
+    return {
+        "round": run["round"],
+        "requests": w["requests"],
+        "duration_s": round(w["duration_us"] / 1e6, 3),
+        "requests_per_s": round(w["requests"] / (w["duration_us"] / 1e6), 1),
+        "latency_ms": {k: round(v / 1000, 3) for k, v in lat.items()},
+        "socket_errors": errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        "non_2xx": errors["status"],
+        "errors": errors,
+        "server_cpu_us_per_request": round(run["cpu_ticks"] / clk_tck * 1e6 / w["requests"], 2),
+        "server_cpu_cores": round(run["cpu_ticks"] / clk_tck / (w["duration_us"] / 1e6), 3),
+    }
+
+
+def http_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    clk = meta["clk_tck"]
+    servers = {}
+    for label in HTTP_SERVERS:
+        runs = [x for x in meta["runs"] if x["label"] == label]
+        samples = [r for r in (http_run(x, clk) for x in runs if x["kind"] == "sample") if r]
+        failed = sum(1 for x in runs if x["kind"] == "sample") - len(samples)
+
+        def med(f):
+            xs = [f(r) for r in samples]
+            return round(statistics.median(xs), 3) if xs else None
+
+        servers[label] = {
+            "what": HTTP_SERVERS[label],
+            "rounds": samples,
+            "failed_runs": failed,
+            "warmup": [r for r in (http_run(x, clk) for x in runs if x["kind"] == "warmup") if r],
+            "median": {
+                "requests_per_s": med(lambda r: r["requests_per_s"]),
+                "p50_ms": med(lambda r: r["latency_ms"]["p50"]),
+                "p90_ms": med(lambda r: r["latency_ms"]["p90"]),
+                "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+                "max_ms": med(lambda r: r["latency_ms"]["max"]),
+                "server_cpu_us_per_request": med(lambda r: r["server_cpu_us_per_request"]),
+                "server_cpu_cores": med(lambda r: r["server_cpu_cores"]),
+            },
+            "socket_errors": sum(r["socket_errors"] for r in samples),
+            "non_2xx": sum(r["non_2xx"] for r in samples),
+        }
+    rps = {k: v["median"]["requests_per_s"] for k, v in servers.items()}
+    ratios = {}
+    for other in ("wasmtime", "native"):
+        if rps["kiln"] and rps[other]:
+            ratios[f"kiln/{other}"] = round(rps["kiln"] / rps[other], 3)
+    target = 1.5
+    met = ratios.get("kiln/wasmtime") is not None and ratios["kiln/wasmtime"] >= target
+
+    ph = parse_phases(meta.get("kiln_phases", ""))
+    breakdown = None
+    kcpu = servers["kiln"]["median"]["server_cpu_us_per_request"]
+    ncpu = servers["native"]["median"]["server_cpu_us_per_request"]
+    if ph.get("requests"):
+        breakdown = {
+            "phases_us": ph,
+            "kiln_cpu_us_per_request": kcpu,
+            "native_cpu_us_per_request": ncpu,
+            # native-echo is the same HTTP stack answering the same bytes (and logging a line):
+            # what Kiln spends beyond it is the Wasm part of a request.
+            "wasm_cpu_us_per_request": (round(kcpu - ncpu, 2)
+                                        if kcpu is not None and ncpu is not None else None),
+        }
+
+    scan = log_scan(meta["containerd_log"])
+    report = {
+        "benchmark": "http",
+        "host": end_of_run(meta["host"]),
+        "uptime_before": meta["uptime_before"],
+        "uptime_after": meta["uptime_after"],
+        "method": "wrk -t THREADS -c CONNECTIONS -d DURATION --latency against GET /bench on "
+                  "127.0.0.1, per server, rounds interleaved (kiln, wasmtime, native), after an "
+                  "untimed warm-up per server; requests_per_s = wrk's requests / its duration; "
+                  "latency from wrk's histogram; server CPU = utime+stime of the serving "
+                  "process (/proc/PID/stat, all threads) over the run / requests; medians over "
+                  "the rounds; wrk shares the machine's CPUs with the servers. Kiln's phases "
+                  "are the worker's own per-request means over its whole life (warm-up "
+                  "included), wall time (so a phase preempted by another process on a busy "
+                  "machine counts the wait), logged at debug level when it stops; "
+                  "wasm_cpu_us_per_request = Kiln's server CPU per request - native-echo's",
+        "duration_s": meta["duration_s"], "rounds": meta["rounds"],
+        "connections": meta["connections"], "threads": meta["threads"],
+        "warmup_s": meta["warmup_s"],
+        "wasmtime": meta["wasmtime"], "wrk": meta["wrk"],
+        "servers": servers,
+        "ratios": ratios,
+        "target": {"kiln/wasmtime": target, "met": met},
+        "kiln_breakdown": breakdown,
+        "containerd_log": scan,
+    }
+
+    print()
+    print(f'HTTP: wrk -t{meta["threads"]} -c{meta["connections"]} -d{meta["duration_s"]}s, '
+          f'{meta["rounds"]} rounds interleaved; medians over the rounds')
+    print(f'{"server":<9} {"req/s":>9} {"p50 ms":>8} {"p90 ms":>8} {"p99 ms":>8} {"max ms":>8} '
+          f'{"CPU us/req":>10} {"CPU cores":>9} {"errors":>6}  per-round req/s')
+    for label, sv in servers.items():
+        m = sv["median"]
+
+        def cell(v, width, fmt="{:.2f}"):
+            return f"{'-' if v is None else fmt.format(v):>{width}}"
+
+        print(f'{label:<9} {cell(m["requests_per_s"], 9, "{:.0f}")} {cell(m["p50_ms"], 8)} '
+              f'{cell(m["p90_ms"], 8)} {cell(m["p99_ms"], 8)} {cell(m["max_ms"], 8)} '
+              f'{cell(m["server_cpu_us_per_request"], 10, "{:.1f}")} '
+              f'{cell(m["server_cpu_cores"], 9)} '
+              f'{sv["socket_errors"] + sv["non_2xx"] + sv["failed_runs"]:>6}  '
+              + " ".join(f'{r["requests_per_s"]:.0f}' for r in sv["rounds"]))
+    for name, r in ratios.items():
+        print(f"req/s ratio {name}: {r:.2f}")
+    if "kiln/wasmtime" in ratios:
+        print(f'target kiln >= {target}x wasmtime serve: {"met" if met else "NOT met"}')
+    if breakdown:
+        p = breakdown["phases_us"]
+        print(f'Kiln per request ({p["requests"]} requests over the server\'s life; phase means, '
+              "wall time, us):")
+        print(f'  context {p.get("context_us")}  instantiate {p.get("instantiate_us")} (max '
+              f'{p.get("instantiate_max_us")})  handler {p.get("handler_us")}  teardown '
+              f'{p.get("teardown_us")}  slot to response head {p.get("to_response_us")}')
+        if breakdown["wasm_cpu_us_per_request"] is not None:
+            print(f'  server CPU {kcpu:.1f} us/request against native-echo\'s {ncpu:.1f} (the '
+                  f'same hyper/tokio/TCP path): {breakdown["wasm_cpu_us_per_request"]:.1f} '
+                  "us/request for the Wasm part (the phases above, as CPU time)")
+    else:
+        print("Kiln's phase times: none (no `http phases` line in containerd's log)")
+    print(f'uptime before: {meta["uptime_before"].strip()}')
+    print(f'uptime after:  {meta["uptime_after"].strip()}')
+    finish_report(meta, report, scan)
+
+
 # --- cold-start chart --------------------------------------------------------------------------
 
 def coldstart_plot(json_path: str, png_path: str) -> int:
@@ -889,6 +1046,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(log_scan(args[0], int(args[1]) if len(args) == 2 else 0), indent=2))
     elif cmd == "throughput-report" and len(args) == 1:
         throughput_report(args[0])
+    elif cmd == "http-report" and len(args) == 1:
+        http_report(args[0])
     elif cmd == "density-report" and len(args) == 1:
         density_report(args[0])
     elif cmd == "scale-report" and len(args) == 1:

@@ -1,8 +1,10 @@
 //! WASI preview 2 components: commands (`wasi:cli/run`) with the same args, env, preopens and
 //! exit codes as modules, their sockets in the container's network namespace, and
 //! `wasi:http/incoming-handler` servers: requests answered on loopback, a trapping request
-//! answered 500 while the server goes on, SIGTERM draining the requests in flight, a port in
-//! use refused at create, and a component Kiln cannot run refused with a clear error.
+//! answered 500 while the server goes on, every request's instance seeing the container's
+//! mounts (read-only ones read-only) and working directory, SIGTERM draining the requests in
+//! flight, a port in use refused at create, and a component Kiln cannot run refused with a
+//! clear error.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::OnceLock;
@@ -227,11 +229,19 @@ struct Server {
 }
 
 fn serve(k: &'static Kiln, name: &str) -> Server {
+    serve_with(k, name, |r| r)
+}
+
+/// [`serve`], with more options for `ctr run` (mounts, a working directory).
+fn serve_with(
+    k: &'static Kiln,
+    name: &str,
+    opts: impl FnOnce(kiln_e2e::Run) -> kiln_e2e::Run,
+) -> Server {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let c = k.container(name);
-    let out = c
-        .run(HTTP)
+    let out = opts(c.run(HTTP))
         .opt("--net-host")
         .env(&format!("KILN_HTTP_ADDR={addr}"))
         .detach();
@@ -281,6 +291,68 @@ fn an_http_component_answers_and_survives_a_trapping_request() {
     let text = lines.unwrap_or_else(|| panic!("no request lines in {}", log.display()));
     assert!(text.contains("http-p2: GET /trap -> trap"), "{text}");
     assert_eq!(s.c.task().map(|t| t.status).as_deref(), Some("RUNNING"));
+}
+
+#[test]
+fn every_request_sees_the_mounts_and_read_only_stays_read_only() {
+    let k = images(kiln());
+    let rw = tempfile::tempdir().expect("tempdir");
+    let ro = tempfile::tempdir().expect("tempdir");
+    std::fs::write(ro.path().join("given.txt"), "from the host\n").expect("write");
+    let s = serve_with(k, "http-files", |r| {
+        r.bind(rw.path(), "/data", false)
+            .bind(ro.path(), "/ro", true)
+            .opt("--cwd")
+            .opt("/data")
+    });
+    let get = |path: &str| net::get(s.addr, path, &[]).expect(path);
+
+    let r = get("/read?path=%2Fro%2Fgiven.txt");
+    assert_eq!((r.status, r.body.as_str()), (200, "from the host\n"));
+    let r = get("/write?path=%2Fro%2Fnew.txt&text=nope");
+    assert_eq!(
+        r.status, 403,
+        "a write to a read-only mount must fail: {r:?}"
+    );
+    assert!(!ro.path().join("new.txt").exists());
+
+    let r = get("/write?path=%2Fdata%2Fout.txt&text=from%20request%201");
+    assert_eq!((r.status, r.body.as_str()), (200, "wrote 14 bytes\n"));
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("out.txt")).expect("the guest's file"),
+        "from request 1"
+    );
+    // A later request, with an instance of its own, sees what an earlier one wrote, also
+    // through its working directory; the read-only mount is still read-only.
+    let r = get("/read?path=out.txt");
+    assert_eq!((r.status, r.body.as_str()), (200, "from request 1"));
+    let r = get("/write?path=relative.txt&text=in%20the%20cwd");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("relative.txt")).expect("written in the cwd"),
+        "in the cwd"
+    );
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let w = net::get(addr, &format!("/write?path=%2Fro%2Fc{i}&text=x"), &[]);
+                let r = net::get(addr, "/read?path=%2Fro%2Fgiven.txt", &[]);
+                (w, r)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (w, r) = t.join().expect("thread");
+        assert_eq!(w.expect("GET /write").status, 403);
+        let r = r.expect("GET /read");
+        assert_eq!((r.status, r.body.as_str()), (200, "from the host\n"));
+    }
+    assert_eq!(
+        std::fs::read_dir(ro.path()).expect("read_dir").count(),
+        1,
+        "nothing was created in the read-only mount"
+    );
 }
 
 /// A one-shot upstream on the host's loopback: answers one request with `body`.

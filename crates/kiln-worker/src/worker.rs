@@ -200,8 +200,8 @@ pub(crate) struct Ready {
 enum Context {
     Core(wasmtime_wasi::p1::WasiP1Ctx),
     Command(wasmtime_wasi::WasiCtx),
-    /// A server makes one per request, from the directories it keeps.
-    Http(Vec<crate::http::Dir>),
+    /// A server makes one per request; they share these opened directories.
+    Http(wasmtime_wasi::filesystem::WasiFilesystemCtx),
 }
 
 fn setup(
@@ -323,7 +323,7 @@ fn setup(
     let context = match world {
         None => Context::Core(run::wasi_ctx(plan, &dirs)?),
         Some(World::Command) => Context::Command(crate::p2::wasi_ctx(plan, &dirs)?),
-        Some(World::Http) => Context::Http(crate::http::keep_dirs(plan, &dirs)?),
+        Some(World::Http) => Context::Http(crate::http::filesystem(plan, &dirs)?),
     };
     let t_ns = t0.elapsed();
 
@@ -432,8 +432,8 @@ fn setup(
         (Loaded::Component(c), Context::Command(ctx), _) => {
             Guest::Command(crate::p2::link(&c, plan, ctx)?)
         }
-        (Loaded::Component(c), Context::Http(dirs), Some(l)) => {
-            Guest::Http(Box::new(crate::http::link(&c, plan, dirs, l)?))
+        (Loaded::Component(c), Context::Http(fs), Some(l)) => {
+            Guest::Http(Box::new(crate::http::link(&c, plan, fs, l)?))
         }
         _ => return Err("the binary is not what its first bytes said".to_string()),
     };

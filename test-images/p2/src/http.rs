@@ -1,7 +1,8 @@
 //! `http-p2`: a `wasi:http/proxy` component (exports `wasi:http/incoming-handler`) for Kiln's
 //! HTTP serving tests. Each route exercises one thing a host must get right: the request
 //! reaching the guest intact, a trap confined to one request, a request that takes time
-//! (concurrency, timeouts), and outgoing requests (the sandbox's network policy).
+//! (concurrency, timeouts), outgoing requests (the sandbox's network policy), and the
+//! container's directories in every request (read-only mounts staying read-only).
 //!
 //! Routes (any method):
 //!   /trap              panics, so the instance traps before answering
@@ -9,6 +10,10 @@
 //!   /fetch?url=URL     GETs URL (percent-encoded, http or https) through
 //!                      wasi:http/outgoing-handler and answers `status=S bytes=N` with the
 //!                      upstream status and body length, or 502 and `error: ...`
+//!   /read?path=P       answers the contents of the file P (percent-encoded; relative to the
+//!                      working directory unless absolute), or 404/403/500 and `error: ...`
+//!   /write?path=P&text=T  writes T (percent-encoded) to the file P and answers `wrote N bytes`,
+//!                      or 403/500 and `error: ...` (403: the directory is read-only)
 //!   anything else      answers 200 with `method=M`, `path=P` (with the query) and
 //!                      `x-kiln-test=V` (values joined by `,`; `x-kiln-test absent` without it)
 //!
@@ -46,6 +51,8 @@ impl Guest for Handler {
             }
             "/slow" => slow(query),
             "/fetch" => fetch(query),
+            "/read" => read_file(query),
+            "/write" => write_file(query),
             _ => (200, echo(&request, &method, &path)),
         };
         respond(response_out, status, body.as_bytes());
@@ -105,6 +112,34 @@ fn fetch(query: &str) -> (u16, String) {
     match get(&url) {
         Ok((status, bytes)) => (200, format!("status={status} bytes={bytes}\n")),
         Err(e) => (502, format!("error: {e}\n")),
+    }
+}
+
+fn read_file(query: &str) -> (u16, String) {
+    let Some(path) = param(query, "path") else {
+        return (400, "usage: /read?path=P\n".to_string());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => (200, text),
+        Err(e) => (io_status(&e), format!("error: {path}: {e}\n")),
+    }
+}
+
+fn write_file(query: &str) -> (u16, String) {
+    let (Some(path), Some(text)) = (param(query, "path"), param(query, "text")) else {
+        return (400, "usage: /write?path=P&text=T\n".to_string());
+    };
+    match std::fs::write(&path, text.as_bytes()) {
+        Ok(()) => (200, format!("wrote {} bytes\n", text.len())),
+        Err(e) => (io_status(&e), format!("error: {path}: {e}\n")),
+    }
+}
+
+fn io_status(e: &std::io::Error) -> u16 {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => 404,
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => 403,
+        _ => 500,
     }
 }
 
