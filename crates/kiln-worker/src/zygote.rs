@@ -484,6 +484,12 @@ mod tests {
         }
     }
 
+    /// Where the stand-in zygote of the test below leaves its worker's pid.
+    fn worker_pid_file(cgroup: &std::path::Path) -> std::path::PathBuf {
+        let name = cgroup.file_name().unwrap_or_default().to_string_lossy();
+        std::env::temp_dir().join(format!("{name}.worker"))
+    }
+
     #[test]
     fn a_worker_is_cloned_into_its_cgroup_as_a_child_of_the_zygotes_parent() {
         let mount = cgroup2_mount();
@@ -505,6 +511,12 @@ mod tests {
                     unsafe { libc::pause() };
                 },
                 Ok(Cloned::Parent { pid, pidfd }) => {
+                    // For the test process, which reaps it: waitpid(-1) there would steal the
+                    // children of tests running beside it.
+                    let _ = std::fs::write(
+                        worker_pid_file(std::path::Path::new(&dir)),
+                        pid.to_string(),
+                    );
                     let stat =
                         std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
                     let ppid: i32 = stat
@@ -535,9 +547,16 @@ mod tests {
             }
         });
         // The worker, our child through CLONE_PARENT, was killed: reap it.
-        let mut status = 0;
-        // SAFETY: reaping whatever child of ours has ended.
-        unsafe { libc::waitpid(-1, &mut status, 0) };
+        let pid_file = worker_pid_file(&dir);
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            let mut status = 0;
+            // SAFETY: reaping the worker, our child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        }
+        let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_dir(&dir);
         assert_eq!(
             code, 0,
