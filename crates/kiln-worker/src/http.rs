@@ -354,6 +354,12 @@ fn error_response(status: u16, message: String) -> hyper::Response<HyperOutgoing
 /// Serves until SIGTERM (then drains) and returns the container's exit status.
 pub(crate) fn run(p: Prepared) -> i32 {
     let threads = worker_threads(&p.plan);
+    // The shim limits its process tree to one malloc arena (what a command needs); requests
+    // allocate on every runtime thread at once, so a server gets an arena per thread back.
+    // SAFETY: mallopt has no preconditions; arenas are created on demand afterwards.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, (threads as i32).saturating_mul(2).max(2));
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(threads).enable_all();
     debug!(
