@@ -748,6 +748,41 @@ impl Run {
 // ---- host-side inspection ----
 
 /// A field of `/proc/PID/status` (e.g. `Threads`, `VmRSS`), trimmed; empty if unreadable.
+/// The parent of process `pid`, from `/proc/PID/stat`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// The children of `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| parent_of(*pid) == Some(parent))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `out` is the failure of a Create that must be refused: it says `needle` and names the
+/// container `id`, no task remains, nothing of it is left behind, and the shim still runs hello.
+#[track_caller]
+pub fn assert_refused(k: &'static Kiln, id: &str, out: &Output, needle: &str) {
+    assert!(!out.timed_out && out.code() != 0, "must fail:\n{out}");
+    assert!(out.stderr.contains(needle), "must say {needle:?}:\n{out}");
+    assert!(
+        out.stderr.contains(id),
+        "must name the container {id}:\n{out}"
+    );
+    assert!(k.task(id).is_none(), "a task remains for {id}");
+    assert_cleaned_up(id, Duration::from_secs(3));
+    assert_hello_runs(k);
+}
+
 pub fn proc_status(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

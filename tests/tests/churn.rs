@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Kiln, image, kiln_with_env, leftovers, wait_until};
+use kiln_e2e::{Kiln, image, kiln_with_env, leftovers, parent_of, wait_until};
 
 const TASKS: usize = 500;
 const CONCURRENCY: usize = 10;
@@ -16,12 +16,6 @@ fn k() -> &'static Kiln {
         ("KILN_SHIM_GROUPING", "namespace"),
         ("KILN_SHIM_IDLE_SECS", "120"),
     ])
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
 }
 
 fn fd_count(pid: u32) -> usize {

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::net::{self, free_port, wait_listening};
-use kiln_e2e::{Kiln, Output, assert_cleaned_up, assert_hello_runs, kiln, wait_until};
+use kiln_e2e::{Kiln, Output, assert_refused, kiln, wait_until};
 
 const CLI: &str = "docker.io/kiln-test/cli-p2:latest";
 const NET: &str = "docker.io/kiln-test/net-p2:latest";
@@ -443,19 +443,6 @@ fn sigkill_ends_a_server_at_once_with_137() {
             .is_some()
     );
     assert_eq!(s.c.exit_status(), Some(137));
-}
-
-#[track_caller]
-fn assert_refused(k: &'static Kiln, id: &str, out: &Output, needle: &str) {
-    assert!(!out.timed_out && out.code() != 0, "must fail:\n{out}");
-    assert!(out.stderr.contains(needle), "must say {needle:?}:\n{out}");
-    assert!(
-        out.stderr.contains(id),
-        "must name the container {id}:\n{out}"
-    );
-    assert!(k.task(id).is_none(), "a task remains for {id}");
-    assert_cleaned_up(id, Duration::from_secs(3));
-    assert_hello_runs(k);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::cri::{self, ContainerSpec, LogLine, PodSpec, State, Stream, cri};
+use kiln_e2e::parent_of;
 
 const HANDLER: &str = "kiln";
 const WAIT: Duration = Duration::from_secs(60);
@@ -67,12 +68,6 @@ fn logs_when(c: &cri::Container, stdout: usize, stderr: usize) -> Vec<LogLine> {
         (count(Stream::Stdout) >= stdout && count(Stream::Stderr) >= stderr).then(|| lines.clone())
     });
     got.unwrap_or_else(|| panic!("log of {} incomplete: {last:?}", c.id))
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
 }
 
 fn pid_of(info: &serde_json::Value) -> u32 {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use kiln_e2e::{Kiln, Output, assert_cleaned_up, assert_hello_runs, kiln_with_env, wait_until};
+use kiln_e2e::{Kiln, Output, assert_refused, kiln_with_env, wait_until};
 use kiln_image::{
     BuildOptions, ExecConfig, Format, Image, ImageConfig, Layer, MEDIA_TYPE_WASM_COMPONENT_LAYER,
     ModuleSource, Platform, Reference,
@@ -66,19 +66,6 @@ fn layered(reference: &str, entrypoint: &str, layers: Vec<Layer>) -> Image {
         }),
         layers,
     }
-}
-
-#[track_caller]
-fn assert_refused(k: &'static Kiln, id: &str, out: &Output, needle: &str) {
-    assert!(!out.timed_out && out.code() != 0, "must fail:\n{out}");
-    assert!(out.stderr.contains(needle), "must say {needle:?}:\n{out}");
-    assert!(
-        out.stderr.contains(id),
-        "must name the container {id}:\n{out}"
-    );
-    assert!(k.task(id).is_none(), "a task remains for {id}");
-    assert_cleaned_up(id, Duration::from_secs(3));
-    assert_hello_runs(k);
 }
 
 #[test]

@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    Container, assert_cleaned_up, cgroup_dirs, image, kiln, memory_cgroup_of, mounts_containing,
-    processes_of, wait_until,
+    Container, assert_cleaned_up, cgroup_dirs, children_of, image, kiln, memory_cgroup_of,
+    mounts_containing, parent_of, processes_of, wait_until,
 };
 
 /// How long a task may take to be seen RUNNING after `ctr run -d` / the start of `ctr run`
@@ -232,13 +232,6 @@ fn nothing_left_after_rm() {
     assert_cleaned_up(&c.id, Duration::from_secs(3));
 }
 
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after its closing parenthesis do not.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
-}
-
 #[test]
 fn a_crashed_shim_is_cleaned_up_by_the_delete_action() {
     let k = kiln();
@@ -287,18 +280,6 @@ fn a_detached_container_outlives_the_client_that_read_its_output() {
         status, 0,
         "printing after the client left must not kill the guest"
     );
-}
-
-/// The children of `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| parent_of(*pid) == Some(parent))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

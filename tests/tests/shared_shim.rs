@@ -4,19 +4,13 @@
 
 use std::time::Duration;
 
-use kiln_e2e::{Container, Kiln, image, kiln_with_env, wait_until};
+use kiln_e2e::{Container, Kiln, children_of, image, kiln_with_env, parent_of, wait_until};
 
 fn k() -> &'static Kiln {
     kiln_with_env(&[
         ("KILN_SHIM_GROUPING", "namespace"),
         ("KILN_SHIM_IDLE_SECS", "2"),
     ])
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
 }
 
 /// The shim server serving a worker: the worker's parent (the zygote clones workers with
@@ -54,18 +48,6 @@ fn servers(k: &Kiln) -> Vec<u32> {
         }
     }
     out
-}
-
-/// The children of `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| parent_of(*pid) == Some(parent))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn start_sleeper(c: &Container) -> u32 {
