@@ -148,22 +148,8 @@ pub(crate) fn link(component: &Component, plan: &Plan, ctx: WasiCtx) -> Result<P
 /// Runs the command and returns the container's exit status.
 pub(crate) fn run(p: Prepared) -> i32 {
     let started = Instant::now();
-    // wasmtime-wasi runs its host calls on tokio; one worker thread serves one guest.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .max_blocking_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "kiln: container {}: start the WASI runtime: {e}",
-                p.id
-            );
-            return EXIT_SETUP_FAILED;
-        }
+    let Some(rt) = crate::run::guest_runtime(&p.id) else {
+        return EXIT_SETUP_FAILED;
     };
     let _entered = rt.enter();
     let mut limits = StoreLimitsBuilder::new();

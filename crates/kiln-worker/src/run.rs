@@ -179,27 +179,33 @@ pub(crate) fn link(module: Module, plan: &Plan, wasi: WasiP1Ctx) -> Result<Prepa
     })
 }
 
-/// Runs the guest and returns the container's exit status.
-pub(crate) fn run(p: Prepared) -> i32 {
-    let started = Instant::now();
-    // wasmtime-wasi's preview 1 calls run on a tokio runtime; left to itself it builds one
-    // with a worker thread per CPU, in every container. One worker thread serves one guest,
-    // and every thread not started is memory and a pid (against pids.max) the node keeps.
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+/// The tokio runtime a command's WASI host calls run on (preview 1 and 2 alike). Left to
+/// itself wasmtime-wasi builds one with a worker thread per CPU, in every container; one worker
+/// thread serves one guest, and every thread not started is memory and a pid (against
+/// pids.max) the node keeps. `None` when it cannot be built, said on the guest's stderr.
+pub(crate) fn guest_runtime(id: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(2)
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
             let _ = writeln!(
                 std::io::stderr(),
-                "kiln: container {}: start the WASI runtime: {e}",
-                p.id
+                "kiln: container {id}: start the WASI runtime: {e}"
             );
-            return crate::status::EXIT_SETUP_FAILED;
+            None
         }
+    }
+}
+
+/// Runs the guest and returns the container's exit status.
+pub(crate) fn run(p: Prepared) -> i32 {
+    let started = Instant::now();
+    let Some(rt) = guest_runtime(&p.id) else {
+        return crate::status::EXIT_SETUP_FAILED;
     };
     let _entered = rt.enter();
     let mut limits = StoreLimitsBuilder::new();
