@@ -264,7 +264,9 @@ restart)
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
   sleep "$down"
-  eval "$(cat "$dir/daemon-cmd")" >>"$dir/containerd.log" 2>&1 &
+  # exec: the background job is containerd itself, so $! is its pid (not that of a subshell
+  # around it, which stop would kill while containerd lived on).
+  eval "exec $(cat "$dir/daemon-cmd")" >>"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
   ctr_bin=$(cat "$dir/ctr-bin")
   for _ in $(seq 1 200); do
