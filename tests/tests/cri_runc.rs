@@ -188,9 +188,18 @@ fn stats_report_usage_and_the_memory_limit() {
         .as_ref()
         .and_then(|m| m.working_set_bytes.as_ref())
         .map_or(0, |v| v.value);
+    // Against the container's figure in the same snapshot: the one read above came before
+    // the ExecSync `cat`s had exited, and usage can shrink in between.
+    let same_time_ws = linux
+        .containers
+        .iter()
+        .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == c.id))
+        .and_then(|s| s.memory.as_ref()?.working_set_bytes.as_ref())
+        .map(|v| v.value);
+    let container_ws = same_time_ws.expect("the pod's stats include its container");
     assert!(
-        pod_ws >= ws,
-        "pod working set {pod_ws} < the container's {ws}: {ps:?}"
+        pod_ws >= container_ws && container_ws > 0,
+        "pod working set {pod_ws} < the container's {container_ws}: {ps:?}"
     );
     let pod_cpu = linux
         .cpu
