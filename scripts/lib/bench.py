@@ -14,6 +14,11 @@
     bench.py scale-report META_JSON               table + JSON report of bench-density.sh --scale
     bench.py coldstart-plot JSON PNG              the chart of bench-coldstart.sh (gnuplot)
     bench.py cri-report META_JSON                 table + JSON report of bench-cri.sh
+    bench.py image-size TAR                       an image tarball's layer sizes, raw and gzipped
+    bench.py cpu-sampler OUT                      /proc/stat's busy and total jiffies every 100 ms
+                                                  to OUT until killed
+    bench.py seeds-report META_JSON               table + JSON report of bench-seeds.sh
+    bench.py seeds-plot JSON PNG                  the chart of bench-seeds.sh (gnuplot)
 
 The report commands read a JSON file of inputs the shell script wrote (paths of raw samples,
 options, snapshots), print the table on stdout and write the report to the path it names.
@@ -22,15 +27,19 @@ options, snapshots), print the table on stdout and write the report to the path 
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 
 KILN_EXE = "containerd-shim-kiln-v1"
 RUNC_EXE = "containerd-shim-runc-v2"
@@ -1027,6 +1036,253 @@ def cri_targets(summary: dict, ratios: dict) -> list[dict]:
 
 # --- command line ------------------------------------------------------------------------------
 
+# --- the seeds' table --------------------------------------------------------------------------
+
+def image_size(tar_path: str) -> dict:
+    """The layers an image tarball (OCI layout) holds: their sizes as stored and gzipped."""
+    with tarfile.open(tar_path) as t:
+        def blob(digest: str) -> bytes:
+            algo, _, hexd = digest.partition(":")
+            f = t.extractfile(f"blobs/{algo}/{hexd}")
+            if f is None:
+                raise ValueError(f"{tar_path}: no blob {digest}")
+            return f.read()
+        index = json.loads(t.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        layers = []
+        for layer in manifest["layers"]:
+            data = blob(layer["digest"])
+            gz = layer["mediaType"].endswith("gzip")
+            layers.append({"media_type": layer["mediaType"], "bytes": len(data),
+                           "gzip_bytes": len(data) if gz else len(gzip.compress(data, 6))})
+    return {"tar": tar_path, "tar_bytes": os.path.getsize(tar_path), "layers": layers,
+            "layers_bytes": sum(x["bytes"] for x in layers),
+            "layers_gzip_bytes": sum(x["gzip_bytes"] for x in layers)}
+
+
+def proc_stat_cpu() -> tuple[int, int]:
+    """Busy and total jiffies of /proc/stat's `cpu` line (busy: user nice system irq softirq
+    steal; idle and iowait are not busy)."""
+    f = [int(x) for x in read("/proc/stat").splitlines()[0].split()[1:]]
+    busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+    return busy, sum(f[:8])
+
+
+def cpu_sampler(out_path: str) -> None:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with open(out_path, "w") as f:
+        while not stop:
+            busy, total = proc_stat_cpu()
+            f.write(f"{time.monotonic_ns()} {busy} {total}\n")
+            f.flush()
+            time.sleep(0.1)
+
+
+def peak_busy(cpu_path: str) -> float | None:
+    """The busiest interval between two samples, as a share of the node (the sampler runs from
+    just before the burst to just after it)."""
+    rows = []
+    for line in read(cpu_path).splitlines():
+        _t, b, tot = (int(x) for x in line.split())
+        rows.append((b, tot))
+    best = None
+    for (b0, n0), (b1, n1) in zip(rows, rows[1:]):
+        if n1 > n0:
+            share = (b1 - b0) / (n1 - n0)
+            best = share if best is None else max(best, share)
+    return best
+
+
+def seeds_side(side: dict, meta: dict) -> dict:
+    d = side["dir"]
+    one = read_latencies(os.path.join(d, "one", "samples"))
+    burst_lat = read_latencies(os.path.join(d, "burst", "samples"))
+    wall = load_json(os.path.join(d, "burst", "wall.json"))
+    burst_s = (wall["end_ns"] - wall["start_ns"]) / 1e9
+    cpus = meta["host"].get("cpus") or os.cpu_count() or 1
+    cpu_s = wall["busy_jiffies"] / meta["clk_tck"]
+    failed = 0
+    for sub in ("one", "burst", "idle"):
+        for line in read(os.path.join(d, sub, "samples")).splitlines():
+            if line.split()[1] != "0":
+                failed += 1
+    idle_dir = os.path.join(d, "idle")
+    before, after = load_json(os.path.join(idle_dir, "before.json")), load_json(os.path.join(idle_dir, "after.json"))
+    n = side["idle_running"] or meta["idle"]
+
+    def num(name: str) -> int:
+        return int(read(os.path.join(idle_dir, name)).strip())
+    cd_growth = num("containerd-pss-after") - num("containerd-pss-before")
+    fds_per = (num("containerd-fds-after") - num("containerd-fds-before")) / n
+    pss_per_kib = (after["pss_kib"] - before["pss_kib"] + cd_growth) / n
+    # Every process is at least one thread: threads are the tasks pid_max counts.
+    tasks_per = (after["threads"] - before["threads"]) / n
+    mem_avail_kib = load_json(os.path.join(idle_dir, "mem-before.json"))["MemAvailable"]
+    bounds = {"memory (MemAvailable)": int(mem_avail_kib / pss_per_kib) if pss_per_kib > 0 else None,
+              "pid_max (processes and threads)": int(meta["pid_max"] / tasks_per) if tasks_per > 0 else None}
+    nofile = meta.get("containerd_nofile")
+    if fds_per > 0 and str(nofile).isdigit():
+        bounds["containerd's open files (RLIMIT_NOFILE)"] = int(int(nofile) / fds_per)
+    known = {k: v for k, v in bounds.items() if v}
+    binding = min(known, key=lambda k: known[k]) if known else None
+    image = load_json(os.path.join(d, "image.json"))
+    return {
+        "label": side["label"], "runtime": side["runtime"], "image": side["image"],
+        "program": side["program"], "failed_runs": failed,
+        "image_layers_bytes": image["layers_bytes"], "image_layers_gzip_bytes": image["layers_gzip_bytes"],
+        "image": image,
+        "start_one": one, "burst_latency": burst_lat,
+        "burst_wall_s": round(burst_s, 3), "burst_cpu_s": round(cpu_s, 2),
+        "burst_cpu_share": round(cpu_s / (cpus * burst_s), 3) if burst_s > 0 else None,
+        "burst_cpu_peak_share": peak_busy(os.path.join(d, "burst", "cpu")),
+        "idle_running": side["idle_running"],
+        "idle_processes_per_container": round((after["count"] - before["count"]) / n, 2),
+        "idle_tasks_per_container": round(tasks_per, 2),
+        "idle_pss_per_container_mib": round(pss_per_kib / MIB, 3),
+        "containerd_pss_growth_per_container_mib": round(cd_growth / n / MIB, 3),
+        "containerd_fds_per_container": round(fds_per, 2),
+        "density_bounds": bounds, "density": known.get(binding) if binding else None,
+        "density_binding": binding,
+        "density_8gib_memory": int(8 * 1024 * 1024 / pss_per_kib) if pss_per_kib > 0 else None,
+    }
+
+
+# (key, row, unit, seeds' "before" (a container), seeds' "after" (Wasm), lower is better)
+SEEDS_ROWS = [
+    ("image", "image size (layers, gzipped)", "MB", 13.0, 0.9, True),
+    ("start", "start time (one ctr run --rm, median)", "ms", 1200.0, 6.0, True),
+    ("burst", "N simultaneous cold starts, wall", "s", None, None, True),
+    ("memory", "memory baseline (PSS per idle container)", "MiB", 18.0, 2.1, True),
+    ("density", "node density (idle containers)", "", 300.0, 3000.0, False),
+    ("cpu", "cold-start CPU (CPU-s for the burst)", "CPU-s", None, None, True),
+    ("cpu_share", "cold-start CPU spike (node busy, burst mean)", "%", 80.0, 3.0, True),
+]
+
+
+def seeds_value(side: dict, key: str) -> float | None:
+    if key == "image":
+        return side["image_layers_gzip_bytes"] / 1e6
+    if key == "start":
+        return side["start_one"]["median_ms"] if side["start_one"] and side["start_one"]["n"] else None
+    if key == "burst":
+        return side["burst_wall_s"]
+    if key == "memory":
+        return side["idle_pss_per_container_mib"]
+    if key == "density":
+        return side["density"]
+    if key == "cpu":
+        return side["burst_cpu_s"]
+    if key == "cpu_share":
+        return None if side["burst_cpu_share"] is None else 100 * side["burst_cpu_share"]
+    raise KeyError(key)
+
+
+def seeds_report(meta_path: str) -> None:
+    meta = load_json(meta_path)
+    sides = {s["label"]: seeds_side(s, meta) for s in meta["sides"]}
+    kiln, runc = sides["kiln"], sides["runc"]
+    rows = []
+    for key, label, unit, before, after, lower in SEEDS_ROWS:
+        k, r = seeds_value(kiln, key), seeds_value(runc, key)
+        adv = None
+        if k and r:
+            adv = r / k if lower else k / r
+        seeds_adv = (before / after if lower else after / before) if before and after else None
+        rows.append({"key": key, "row": label, "unit": unit, "kiln": k, "runc": r,
+                     "kiln_advantage": None if adv is None else round(adv, 2),
+                     "seeds_container": before, "seeds_wasm": after,
+                     "seeds_advantage": None if seeds_adv is None else round(seeds_adv, 2)})
+    scan = log_scan(meta["containerd_log"])
+    report = {
+        "benchmark": "seeds",
+        "host": end_of_run(meta["host"]),
+        "method": "test-images' sleep program: wasm32-wasip1 under Kiln (kiln-test/sleep) against "
+                  "the same source built static for the host under runc (an image holding only "
+                  "/sleep); `ctr run --rm IMAGE ID PROG 0` one at a time (interleaved, median) "
+                  "and N at once (xargs -P N: wall until all exited; node CPU from /proc/stat "
+                  "over that wall time); idle = `ctr run -d IMAGE ID PROG`, PSS of the runtime's "
+                  "processes plus containerd's growth; density = the smallest of MemAvailable, "
+                  "pid_max and containerd's RLIMIT_NOFILE over the per-container cost",
+        "concurrent": meta["concurrent"], "idle": meta["idle"], "rounds": meta["rounds"],
+        "native_exe_bytes": meta["native_exe_bytes"], "wasm_module_bytes": meta["wasm_module_bytes"],
+        "rows": rows, "sides": sides, "containerd_log": scan,
+    }
+    h = report["host"]
+
+    def fmt(v: float | None, unit: str) -> str:
+        if v is None:
+            return "-"
+        if unit == "" or v >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+    print()
+    print(f'the seeds\' table, here: {h.get("cpus")} CPUs, {h.get("mem_total_mib")} MiB, '
+          f'{(h.get("containerd") or "containerd ?").split()[-1]}, cgroup {h.get("cgroup")}; '
+          f'N = {meta["concurrent"]} simultaneous cold starts, {meta["idle"]} idle containers')
+    print(f'{"row":<46} {"runc":>9} {"Kiln":>9} {"Kiln ahead":>10}   {"seeds":>15} {"seeds ahead":>11}')
+    for r in rows:
+        seeds = (f'{fmt(r["seeds_container"], r["unit"])} -> {fmt(r["seeds_wasm"], r["unit"])}'
+                 if r["seeds_container"] else "-")
+        adv = f'{r["kiln_advantage"]:.2f}x' if r["kiln_advantage"] else "-"
+        sadv = f'{r["seeds_advantage"]:.1f}x' if r["seeds_advantage"] else "-"
+        label = r["row"].replace("N simultaneous", f'{meta["concurrent"]} simultaneous')
+        unit = f' ({r["unit"]})' if r["unit"] else ""
+        print(f'{label + unit:<46} {fmt(r["runc"], r["unit"]):>9} {fmt(r["kiln"], r["unit"]):>9} '
+              f'{adv:>10}   {seeds:>15} {sadv:>11}')
+    for s in (kiln, runc):
+        print(f'{s["label"]}: density bounds {", ".join(f"{k} {v:,}" for k, v in s["density_bounds"].items() if v)}'
+              f' -> {s["density_binding"]} binds; busiest 100 ms of the burst '
+              f'{100 * (s["burst_cpu_peak_share"] or 0):.0f} %; {s["idle_processes_per_container"]} '
+              f'processes and {s["idle_tasks_per_container"]} tasks per idle container; '
+              f'{s["failed_runs"]} failed runs')
+    finish_report(meta, report, scan)
+
+
+def seeds_plot(json_path: str, png_path: str) -> int:
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        print("bench.py: gnuplot not found; no chart", file=sys.stderr)
+        return 1
+    report = load_json(json_path)
+    rows = [r for r in report["rows"] if r["kiln_advantage"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "rows.dat")
+        with open(data, "w") as f:
+            for i, r in enumerate(rows):
+                label = re.sub(r'[`"\\\\]', "'", r["row"].split(" (")[0])
+                f.write(f'{i} "{label}" {r["kiln_advantage"]} {r["seeds_advantage"] or "NaN"}\n')
+        script = f"""
+set terminal pngcairo size 1000,600 font ",10"
+set output '{png_path}'
+set title "How far Wasm is ahead of a native container: Kiln against runc here, and the seeds' claims"
+set ylabel "times ahead (log scale)"
+set logscale y
+set yrange [0.5:*]
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set xtics rotate by -20 noenhanced
+set termoption noenhanced
+set grid ytics
+plot '{data}' using 3:xtic(2) title 'Kiln vs runc, measured here' lc rgb '#4477aa', \\
+     '' using 4 title "the seeds' claim" lc rgb '#cc3311'
+"""
+        result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                                check=False)
+        if result.returncode != 0 and "pngcairo" in result.stderr:
+            script = script.replace('set terminal pngcairo size 1000,600 font ",10"',
+                                    "set terminal png size 1000,600")
+            result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                                    check=False)
+        if result.returncode != 0:
+            print(f"bench.py: gnuplot failed: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+    print(f"chart: {png_path}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
@@ -1056,6 +1312,14 @@ def main(argv: list[str]) -> int:
         cri_report(args[0])
     elif cmd == "coldstart-plot" and len(args) == 2:
         return coldstart_plot(args[0], args[1])
+    elif cmd == "image-size" and len(args) == 1:
+        print(json.dumps(image_size(args[0])))
+    elif cmd == "cpu-sampler" and len(args) == 1:
+        cpu_sampler(args[0])
+    elif cmd == "seeds-report" and len(args) == 1:
+        seeds_report(args[0])
+    elif cmd == "seeds-plot" and len(args) == 2:
+        return seeds_plot(args[0], args[1])
     else:
         print(__doc__, file=sys.stderr)
         return 2
