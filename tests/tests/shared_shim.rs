@@ -81,6 +81,17 @@ fn containers_of_a_namespace_share_one_shim() {
     assert_eq!(shim, shim_of(pb), "the two containers have different shims");
     assert_eq!(servers(k), vec![shim], "exactly one shim server");
 
+    // A shared shim's descriptors bound how many containers it serves: the v1 OOM watch keeps
+    // only its eventfd, not the `memory.oom_control` it was registered for.
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{shim}/fd"))
+        .expect("the shim's fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.ends_with("memory.oom_control"))
+        .collect();
+    assert!(held.is_empty(), "the shim holds {held:?} open");
+
     // The zygote dies: the running containers are the shim's own children and go on; the next
     // Create gets a new zygote (exec'd) and runs in the same shim.
     let zygote = children_of(shim)

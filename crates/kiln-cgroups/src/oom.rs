@@ -23,9 +23,11 @@ pub struct OomEvents {
 
 #[derive(Debug)]
 enum Kind {
-    /// The eventfd, and the `memory.oom_control` it is registered for (kept open: closing it
-    /// would end the registration).
-    V1 { _control: File, dir: PathBuf },
+    /// The eventfd registered for the directory's `memory.oom_control`. The control file is
+    /// closed once the registration is written: the kernel checks it and keeps no reference,
+    /// and the registration lasts until the eventfd is closed or the cgroup removed, so a
+    /// shared shim holds one descriptor per container here, not two.
+    V1 { dir: PathBuf },
     /// `memory.events` and the `oom_kill` count last seen.
     V2 { events: PathBuf, seen: u64 },
 }
@@ -68,10 +70,10 @@ impl OomEvents {
             &dir.join("cgroup.event_control"),
             &format!("{} {}", fd.as_raw_fd(), control.as_raw_fd()),
         )?;
+        drop(control);
         Ok(OomEvents {
             fd,
             kind: Kind::V1 {
-                _control: control,
                 dir: dir.to_path_buf(),
             },
         })
