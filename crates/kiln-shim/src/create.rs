@@ -124,11 +124,14 @@ enum Stage {
 fn mount(req: &CreateTaskRequest) -> Result<Mounted, String> {
     let mut undo = Undo::default();
     let bundle = PathBuf::from(&req.bundle);
+    let t0 = Instant::now();
     if let Err(e) = crate::logging::add(&req.id, &bundle) {
         debug!(id = req.id.as_str(); "no log pipe in {}: {e}", bundle.display());
     }
+    let t_log = t0.elapsed();
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json"))
         .map_err(|e| format!("read config.json: {e}"))?;
+    debug!(id = req.id.as_str(); "{}: log pipe {t_log:?}, config.json {:?}", req.id, t0.elapsed());
     if req.terminal {
         return Err("terminal: true is not supported by Kiln yet (run without -t / tty)".into());
     }
@@ -204,9 +207,21 @@ fn prepare(
     host: &kiln_plan::Host,
     layout: &Layout,
 ) -> Result<Stage, String> {
+    let t0 = Instant::now();
     let m = mount(req)?;
+    let t_mount = t0.elapsed();
     match kiln_plan::plan(&req.id, &m.spec, &m.rootfs, host) {
-        Ok(plan) => finish(req, namespace, layout, m, plan).map(|p| Stage::Prepared(Box::new(p))),
+        Ok(plan) => {
+            let t_plan = t0.elapsed();
+            let p = finish(req, namespace, layout, m, plan)?;
+            debug!(
+                id = req.id.as_str();
+                "prepare {}: bundle and rootfs {t_mount:?}, plan {t_plan:?}, seccomp and cgroup {:?}",
+                req.id,
+                t0.elapsed()
+            );
+            Ok(Stage::Prepared(Box::new(p)))
+        }
         Err(e @ kiln_plan::PlanError::EntrypointNotFound { .. }) => {
             Ok(Stage::NoFile(Box::new((m, e))))
         }
