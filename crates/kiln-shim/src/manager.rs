@@ -4,7 +4,6 @@
 //! fork, a pipe and a file write need no executor.
 
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -169,36 +168,48 @@ fn prime_cgroup_migration() -> Option<nix::unistd::Pid> {
     if std::env::var_os(PRIME_ENV).is_some_and(|v| v == "0") {
         return None;
     }
-    let layout = kiln_cgroups::Layout::detect().ok()?;
-    if layout.version() == 2 {
-        // On v2 the zygote clones the worker straight into its cgroup and nothing waits for
-        // the grace period; a primer would only hold cgroup_mutex, which that clone and the
-        // cgroup's mkdir both need, for the length of one.
-        return None;
-    }
-    let procs = layout.own_procs_file()?;
-    let procs = std::ffi::CString::new(procs.into_os_string().into_vec()).ok()?;
-    spawn_primer(&procs)
-}
-
-/// Forks a child that writes `0` (itself) to `procs` and exits.
-fn spawn_primer(procs: &std::ffi::CStr) -> Option<nix::unistd::Pid> {
-    // SAFETY: the child only calls async-signal-safe functions (close, open, write, _exit) and
-    // never returns, so it is sound even if the parent had threads (`start` has none).
+    // SAFETY: `start` has one thread (it builds no runtime and spawns no thread), so the child
+    // is a complete copy that may allocate and read files; it never returns into `start`.
     match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => unsafe {
-            for fd in 0..=2 {
-                libc::close(fd);
+        Ok(nix::unistd::ForkResult::Child) => {
+            // SAFETY: closing our own stdio, so containerd's read of `start`'s output does not
+            // wait for this child.
+            unsafe {
+                for fd in 0..=2 {
+                    libc::close(fd);
+                }
             }
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
+            // The layout is found here, not in `start`: reading and parsing mountinfo costs
+            // a fraction of a millisecond that `start`'s caller need not wait for.
+            if let Some(procs) = primer_procs_file() {
+                migrate_self(&procs);
             }
-            libc::_exit(0)
-        },
+            // SAFETY: leaving the child without returning into `start`.
+            unsafe { libc::_exit(0) }
+        }
         Ok(nix::unistd::ForkResult::Parent { child }) => Some(child),
         Err(_) => None,
     }
+}
+
+/// The `cgroup.procs` of the cgroup this process is in, in a v1 hierarchy; `None` on v2,
+/// where the zygote clones the worker straight into its cgroup and nothing waits for the
+/// grace period (a primer would only hold cgroup_mutex, which that clone and the cgroup's
+/// mkdir both need, for the length of one).
+fn primer_procs_file() -> Option<std::path::PathBuf> {
+    let layout = kiln_cgroups::Layout::detect().ok()?;
+    if layout.version() == 2 {
+        return None;
+    }
+    layout.own_procs_file()
+}
+
+/// Writes `0` (this process) to `procs`: a migration to the cgroup it is already in.
+fn migrate_self(procs: &Path) {
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .open(procs)
+        .and_then(|mut f| f.write_all(b"0"));
 }
 
 /// Collects the primer if it has finished; if not, it is reparented and reaped by init.
@@ -261,14 +272,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_primer_writes_itself_to_the_procs_file_and_exits() {
+    fn the_primer_writes_itself_to_the_procs_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let procs = dir.path().join("cgroup.procs");
         std::fs::write(&procs, "").expect("create");
-        let path = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes()).expect("path");
-        let pid = spawn_primer(&path).expect("fork");
-        let status = nix::sys::wait::waitpid(pid, None).expect("wait");
-        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+        migrate_self(&procs);
         assert_eq!(std::fs::read_to_string(&procs).expect("read"), "0");
     }
 }
