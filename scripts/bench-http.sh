@@ -101,13 +101,7 @@ wasmtime_says=$("$wasmtime" --version)
 [[ "$wasmtime_says " == "wasmtime $wasmtime_version "* ]] ||
     echo "warning: $wasmtime is '$wasmtime_says', not Kiln's Wasmtime $wasmtime_version" >&2
 
-log "building native-echo (release, static)"
-host_triple=$(rustc -vV | sed -n 's/^host: //p')
-native_dir="$repo_root/target/bench-tools/native-echo"
-# From its directory: its .cargo/config.toml (static linking) is found from the working directory.
-(cd bench/native-echo && cargo build --release --locked --target "$host_triple" \
-    --target-dir "$native_dir" -j "${CARGO_BUILD_JOBS:-1}")
-native_exe="$native_dir/$host_triple/release/native-echo"
+build_native "$repo_root" native-echo native-echo
 
 # --- private containerd and images --------------------------------------------------------------
 workdir=$(mktemp -d /tmp/kiln-bench-http.XXXXXX)

@@ -75,13 +75,7 @@ done
 # shellcheck source=lib/build-for-run.sh
 . "$repo_root/scripts/lib/build-for-run.sh"
 build_for_run "$repo_root" --no-busybox
-log "building bench/native-sleep (release, static)"
-host_triple=$(rustc -vV | sed -n 's/^host: //p')
-native_dir="$repo_root/target/bench-tools/native-sleep"
-# From its directory: its .cargo/config.toml (static linking) is found from the working directory.
-(cd bench/native-sleep && cargo build --release --locked --target "$host_triple" \
-    --target-dir "$native_dir" -j "${CARGO_BUILD_JOBS:-1}")
-native_exe="$native_dir/$host_triple/release/sleep"
+build_native "$repo_root" native-sleep sleep
 
 # --- private containerd and images -------------------------------------------------------------
 workdir=$(mktemp -d /tmp/kiln-bench-seeds.XXXXXX)

@@ -841,6 +841,23 @@ def http_report(meta_path: str) -> None:
 
 # --- cold-start chart --------------------------------------------------------------------------
 
+def run_gnuplot(gnuplot: str, script: str, size: str, png_path: str) -> int:
+    """Runs SCRIPT, whose first line sets `pngcairo size SIZE`; falls back to the plain png
+    terminal where gnuplot has no cairo. Prints where the chart went; 1 if it failed."""
+    result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                            check=False)
+    if result.returncode != 0 and "pngcairo" in result.stderr:
+        script = script.replace(f'set terminal pngcairo size {size} font ",10"',
+                                f"set terminal png size {size}")
+        result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
+                                check=False)
+    if result.returncode != 0:
+        print(f"bench.py: gnuplot failed: {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(f"chart: {png_path}")
+    return 0
+
+
 def coldstart_plot(json_path: str, png_path: str) -> int:
     gnuplot = shutil.which("gnuplot")
     if gnuplot is None:
@@ -900,18 +917,7 @@ set boxwidth 0.5
 set samples 1000
 plot {", ".join(plots)}
 """
-        result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
-                                check=False)
-        if result.returncode != 0 and "pngcairo" in result.stderr:
-            script = script.replace('set terminal pngcairo size 900,600 font ",10"',
-                                    "set terminal png size 900,600")
-            result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
-                                    check=False)
-        if result.returncode != 0:
-            print(f"bench.py: gnuplot failed: {result.stderr.strip()}", file=sys.stderr)
-            return 1
-    print(f"chart: {png_path}")
-    return 0
+        return run_gnuplot(gnuplot, script, "900,600", png_path)
 
 
 # --- CRI ---------------------------------------------------------------------------------------
@@ -1269,18 +1275,7 @@ set grid ytics
 plot '{data}' using 3:xtic(2) title 'Kiln vs runc, measured here' lc rgb '#4477aa', \\
      '' using 4 title "the seeds' claim" lc rgb '#cc3311'
 """
-        result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
-                                check=False)
-        if result.returncode != 0 and "pngcairo" in result.stderr:
-            script = script.replace('set terminal pngcairo size 1000,600 font ",10"',
-                                    "set terminal png size 1000,600")
-            result = subprocess.run([gnuplot], input=script, text=True, capture_output=True,
-                                    check=False)
-        if result.returncode != 0:
-            print(f"bench.py: gnuplot failed: {result.stderr.strip()}", file=sys.stderr)
-            return 1
-    print(f"chart: {png_path}")
-    return 0
+        return run_gnuplot(gnuplot, script, "1000,600", png_path)
 
 
 def main(argv: list[str]) -> int:
