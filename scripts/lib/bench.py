@@ -218,6 +218,14 @@ def smaps_rollup(pid: int) -> dict:
     return out
 
 
+def own_cgroup(pid: int) -> str | None:
+    """The text of /proc/PID/cgroup (which cgroup a process is in, in every hierarchy)."""
+    try:
+        return read(f"/proc/{pid}/cgroup")
+    except OSError:
+        return None
+
+
 def address_of(cmdline: list[str]) -> str | None:
     for i, arg in enumerate(cmdline):
         if arg in ("-address", "--address") and i + 1 < len(cmdline):
@@ -230,7 +238,9 @@ def runtime_procs(sock: str, runtime: str) -> dict:
 
     kiln: every process whose executable is containerd-shim-kiln-v1 and that belongs to a shim
     server started for SOCK (its -address): the server itself (its parent is not a Kiln
-    process) is `shim`, a Kiln child of a shim is `zygote`, a Kiln child of a zygote (or
+    process) is `shim`; a Kiln child of a shim is its `zygote` if it shares the shim's cgroup
+    and a `worker` if not (the zygote clones workers with CLONE_PARENT, so they are the shim's
+    children, each in its container's cgroup); a Kiln child of a zygote (or
     deeper) is `worker`. Other processes under a Kiln process are `other`.
     runc: containerd-shim-runc-v2 processes started for SOCK are `shim`, their children (the
     containers' processes) `container`.
@@ -255,7 +265,9 @@ def runtime_procs(sock: str, runtime: str) -> dict:
             if p["exe"] != KILN_EXE:
                 kind = "other"
             else:
-                kind = ["shim", "zygote"][depth] if depth < 2 else "worker"
+                kind = "shim" if depth == 0 else "worker"
+                if depth == 1 and own_cgroup(pid) == own_cgroup(p["ppid"]):
+                    kind = "zygote"
         else:
             kind = "shim" if depth == 0 else ("container" if depth == 1 else "other")
         found.append({"pid": pid, "ppid": p["ppid"], "kind": kind, "comm": p["comm"],
